@@ -9,6 +9,7 @@ without loss. Strings are parsed with `ast` — nothing is ever evaluated.
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Mapping
@@ -85,7 +86,7 @@ def _from_ast(n: ast.AST, text: str) -> Node:
             f"malformed expression {text!r}: unknown terminal {n.id!r} (terminals: {', '.join(TERMINALS)})"
         )
     if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
-        return const(n.value)
+        return _finite_const(n.value, text)
     if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant):
         return const(-_from_ast(n.operand, text).value)
     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and not n.keywords:
@@ -104,6 +105,17 @@ def _from_ast(n: ast.AST, text: str) -> Node:
         f"malformed expression {text!r}: unexpected {ast.unparse(n)!r}; "
         "write operator calls over W, G, X and numbers, e.g. mul(abs(W), sqrt(X))"
     )
+
+
+def _finite_const(value: int | float, text: str) -> Node:
+    # 1e400 parses as inf and a 400-digit integer overflows float: neither is a usable constant
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise ExpressionError(f"malformed expression {text!r}: constant {value!r:.40} is not finite in float")
+    return const(v)
 
 
 # ---------------------------------------------------------------- tree → SymPy

@@ -52,6 +52,11 @@ class Metric:
     def key(self) -> str:
         """Canonical form of the expression: equal for metrics that SymPy proves equal in form;
         the key for de-duplication, the fitness cache and leaderboard rows."""
+        if self.sympy.has(sympy.zoo, sympy.oo, sympy.S.NegativeInfinity, sympy.nan):
+            # an exact division by 0 or log(0): the scores then depend on the torch epsilons, which
+            # the SymPy form drops, so unequal metrics would share a form (both zoo*W for
+            # div(W, sub(X, X)) and mul(W, log(sub(G, G)))): key such a metric by its tree
+            return f"tree:{self.formula}"
         return sympy.sstr(self.sympy, order="lex")
 
     @cached_property
