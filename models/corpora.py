@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import platformdirs
+from prunerzero.paths import cache_dir
 import torch
 
 SPLITS = ("train", "valid", "test")
@@ -66,15 +66,6 @@ class TokenizedCorpus:
         return eval_windows(self.splits[split], seq_len, max_windows, corpus=self.name, split=split)
 
 
-def cache_dir(*parts: str) -> Path:
-    """The cache root (`PRUNERZERO_CACHE` or the platform's user cache), or a path inside it."""
-    root = Path(os.environ.get("PRUNERZERO_CACHE", platformdirs.user_cache_dir("prunerzero")))
-    return root.joinpath(*parts)
-
-
-# ---------------------------------------------------------------- texts
-
-
 def load_text(spec: str) -> CorpusText:
     """Resolve a corpus spec; named corpora are fetched once and then read from the cache."""
     if spec in FETCHERS:
@@ -90,18 +81,20 @@ def load_text(spec: str) -> CorpusText:
     raise CorpusError(f"unknown corpus {spec!r}: use austen, wikitext2, c4 or a path to a text file")
 
 
-def fetch_corpus(name: str) -> Path:
-    """Fetch a named corpus now (even if cached) and return the path of its cached text."""
+def fetch_corpus(name: str, force: bool = False) -> Path:
+    """Fetch a named corpus (again if `force`, else only when not cached); its cached text's path."""
     if name not in FETCHERS:
         raise CorpusError(f"cannot fetch {name!r}: fetchable corpora are {', '.join(FETCHERS)}")
     path = _text_cache_path(name)
+    if path.is_file() and not force:
+        return path
     text = FETCHERS[name]()
     _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 
 def _text_cache_path(name: str) -> Path:
-    return cache_dir("corpora", f"{name}.txt")
+    return cache_dir("corpora") / f"{name}.txt"
 
 
 def _read_local(path: Path) -> CorpusText:
@@ -235,7 +228,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _cached_token_ids(corpus: CorpusText, tokenizer) -> torch.Tensor:
     text_sha = hashlib.sha256(corpus.text.encode("utf-8")).hexdigest()
     key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}:{text_sha}".encode()).hexdigest()[:16]
-    path = cache_dir("tokens", f"{corpus.name}-{key}.pt")
+    path = cache_dir("tokens") / f"{corpus.name}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     ids = tokenize(corpus.text, tokenizer)

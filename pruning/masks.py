@@ -1,0 +1,64 @@
+"""Scores → masks, for every comparison group. The one place an N:M loop exists.
+
+A mask is a bool tensor of the weight's shape, True where the weight is pruned (set to zero).
+The lowest scores are pruned; ties are broken by position (stable sort), so masks are
+deterministic on every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUPS = ("row", "layer")
+
+
+class PatternError(ValueError):
+    pass
+
+
+def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                group: str = "row", name: str = "") -> torch.Tensor:
+    """Mask pruning the lowest-scored weights: `sparsity` of each output row (group "row", as
+    Wanda) or of the whole matrix (group "layer"); with `nm = (N, M)` keep exactly N of every M
+    consecutive weights along the input dimension (sparsity is then 1 - N/M)."""
+    if nm is not None:
+        return nm_mask(scores, *nm, name=name)
+    if group == "row":
+        return _lowest(scores, int(scores.shape[-1] * sparsity))
+    if group == "layer":
+        flat = _lowest(scores.reshape(1, -1), int(scores.numel() * sparsity))
+        return flat.reshape(scores.shape)
+    raise ValueError(f"unknown comparison group {group!r}: use one of {', '.join(GROUPS)}")
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of a 2-D tensor, True at the k lowest scores."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        idx = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
+        mask.scatter_(-1, idx, True)
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int, name: str = "") -> torch.Tensor:
+    """Keep the n highest of every m consecutive scores along the input dimension."""
+    out_dim, in_dim = scores.shape
+    if in_dim % m:
+        raise PatternError(
+            f"N:M pattern {n}:{m} does not divide the input width {in_dim}"
+            f"{f' of {name}' if name else ''}: the width must be a multiple of {m}"
+        )
+    groups = scores.reshape(out_dim, in_dim // m, m)
+    return _lowest(groups.reshape(-1, m), m - n).reshape(out_dim, in_dim)
+
+
+def check_pattern_fits(shapes: dict[str, torch.Size], nm: tuple[int, int] | None) -> None:
+    """Fail before touching any weight if an N:M pattern does not divide some unit's width."""
+    if nm is None:
+        return
+    bad = [f"{name} (width {shape[-1]})" for name, shape in shapes.items() if shape[-1] % nm[1]]
+    if bad:
+        raise PatternError(
+            f"N:M pattern {nm[0]}:{nm[1]} does not divide the input width of {len(bad)} unit(s): "
+            + ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        )

@@ -1,0 +1,59 @@
+"""What a pruning run aims at, and what it achieved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from prunerzero.protocol import check_sparsity, parse_pattern
+
+from .masks import GROUPS
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    sparsity: float = 0.5  # fraction pruned per comparison group (ignored for N:M)
+    pattern: str = "unstructured"  # or "N:M" (N kept of every M)
+    group: str = "row"  # comparison group for unstructured: "row" or "layer"
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        parse_pattern(self.pattern)
+        if self.group not in GROUPS:
+            raise ValueError(f"unknown comparison group {self.group!r}: use one of {', '.join(GROUPS)}")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def expected_sparsity(self) -> float:
+        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
+
+    def describe(self) -> str:
+        return f"{self.pattern}" if self.nm else f"{self.sparsity:g} unstructured per {self.group}"
+
+
+@dataclass
+class PruneReport:
+    """Achieved sparsity per unit and in total."""
+
+    target: PruneTarget
+    method: str
+    rows: list[dict] = field(default_factory=list)  # name, block, role, expert, numel, zeros
+    seconds: float = 0.0
+
+    def add(self, unit, zeros: int) -> None:
+        self.rows.append({"name": unit.name, "block": unit.block, "role": unit.role, "expert": unit.expert,
+                          "numel": unit.weight.numel(), "zeros": int(zeros)})
+
+    @property
+    def sparsity(self) -> float:
+        numel = sum(r["numel"] for r in self.rows)
+        return sum(r["zeros"] for r in self.rows) / numel if numel else 0.0
+
+    def table(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows, columns=["name", "block", "role", "expert", "numel", "zeros"])
+        df["sparsity"] = df["zeros"] / df["numel"]
+        return df

@@ -1,0 +1,85 @@
+"""Integration on the real smollm2-135m and the real austen corpus (both fetched by the install
+command; fetched here on first use otherwise), at a small CPU token budget."""
+
+import pandas as pd
+import pytest
+import torch
+
+from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from prunerzero.fitness.perplexity import perplexity
+from prunerzero.jobs import leaderboard_rows, prune_and_save
+from prunerzero.leaderboard import IDENTITY, append, read
+from prunerzero.primitives.metric import resolve_metric
+from prunerzero.protocol import Protocol
+from prunerzero.pruning.target import PruneTarget
+
+pytestmark = pytest.mark.real
+
+SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=6)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator(EvalSpec(model="smollm2-135m", corpus="austen", split="test", protocol=SMALL))
+
+
+@pytest.fixture(scope="module")
+def results(evaluator):
+    dense = evaluator.measure().perplexity
+    pruned = {m: evaluator.evaluate(resolve_metric(m)) for m in ("magnitude", "wanda", "pruner-zero")}
+    return dense, pruned
+
+
+def test_real_model_units(evaluator):
+    units = evaluator.units
+    assert len(units) == 30 * 7  # q k v o gate up down in each of 30 blocks
+    q_o, k_v, mlp = 576 * 576, 192 * 576, 576 * 1536  # 9 heads, 3 KV heads of 64; MLP 1536
+    assert sum(u.weight.numel() for u in units) == 30 * (2 * q_o + 2 * k_v + 3 * mlp)
+    assert {u.role for u in units} == {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def test_every_pruned_model_is_worse_than_dense(results):
+    dense, pruned = results
+    for name, r in pruned.items():
+        assert r.status == "ok", r.reason
+        assert abs(r.sparsity - 0.5) < 1e-3
+        assert r.perplexity > dense, name
+
+
+def test_wanda_far_below_magnitude(results):
+    _, pruned = results
+    assert pruned["wanda"].perplexity * 2 < pruned["magnitude"].perplexity
+
+
+def test_evaluate_restores_dense_exactly(evaluator, results):
+    dense, _ = results
+    assert evaluator.measure().perplexity == dense
+
+
+def test_saved_pruned_model_reloads_with_same_perplexity_and_zeros(evaluator, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = prune_and_save("smollm2-135m", "wanda", PruneTarget(0.5), tmp_path / "pruned", corpus="austen",
+                             protocol=SMALL, measure=True, log=lambda m: None)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
+    again = perplexity(reloaded, evaluator.windows).perplexity
+    assert again == pytest.approx(summary["perplexity"], rel=1e-5)
+    report = pd.read_csv(tmp_path / "pruned" / "prune_report.csv")
+    params = dict(reloaded.named_parameters())
+    for _, row in report.head(10).iterrows():
+        assert int((params[row["name"] + ".weight"] == 0).sum()) == row["zeros"]
+    assert report["zeros"].sum() / report["numel"].sum() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_leaderboard_rows_append_without_duplicates(tmp_path):
+    tiny = SMALL.with_(eval_windows=2)  # same calibration as the fixture: statistics come from the cache
+    csv = tmp_path / "lb.csv"
+    for _ in range(2):  # re-running the same rows replaces them
+        rows = leaderboard_rows("smollm2-135m", "austen", ["magnitude", "wanda"], [0.5], ["unstructured", "2:4"],
+                                protocol=tiny, log=lambda m: None)
+        append(rows, csv)
+    df = read(csv)
+    assert len(df) == 4
+    assert not df.duplicated(subset=IDENTITY).any()
+    assert set(df["pattern"]) == {"unstructured", "2:4"}
+    assert (df["perplexity"] > df["dense_perplexity"]).all()
