@@ -118,9 +118,11 @@ class Evaluator:
         """Prune in place with a metric (one-shot or sequential statistics, per the protocol) or
         a named method such as "sparsegpt"."""
         from prunerzero.pruning.apply import prune_with_metric, prune_with_metric_sequential
+        from prunerzero.pruning.masks import check_pattern_fits
         from prunerzero.pruning.methods import resolve_method
 
         target = target or self.target
+        check_pattern_fits({u.name: u.shape for u in self.units}, target.nm)  # before any calibration
         method = resolve_method(metric)
         if method is not None:
             return method(self.model, self.adapter, self.calibration, target)
