@@ -1,0 +1,197 @@
+"""A campaign is a run directory you can resume from:
+
+```
+<runs_dir>/<name>-<YYYYmmdd-HHMMSS>/
+  config.json        the resolved configuration (what --resume runs)
+  checkpoint.pkl     after every generation: engine state (population, hall of fame, logbook,
+                     RNG states, generation) + config; plain data, written atomically
+  history.csv        one row per generation (HISTORY_COLUMNS)
+  hall_of_fame.csv   the hall of fame after the last completed generation (HOF_COLUMNS)
+  evaluations.csv    every measurement: status and reason of failures (EVAL_COLUMNS)
+```
+The fitness cache is the shared SQLite file (`config.cache`), not copied into the run.
+Killed at any point, `resume_campaign` continues from the last checkpoint and ends with the
+hall of fame an uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+import time
+from functools import partial
+from pathlib import Path
+
+from rich.console import Console
+
+from prunerzero.fitness.cache import FitnessCache
+from prunerzero.fitness.evaluator import EvalSpec
+from prunerzero.fitness.pool import Backend, RayBackend, SerialBackend
+from prunerzero.paths import atomic_write_bytes, atomic_write_text
+
+from .config import BackendConfig, CampaignConfig, from_dict
+from .engine import Engine
+from .evaluation import FitnessMap
+
+HISTORY_COLUMNS = ["generation", "best_fitness", "median_fitness", "best_formula", "best_key", "unique",
+                   "evaluations", "cache_hits", "cache_hit_rate", "rejected", "failed", "eval_windows",
+                   "eval_seconds", "wall_seconds"]
+HOF_COLUMNS = ["rank", "fitness", "windows", "formula", "key", "generation", "size", "depth"]
+EVAL_COLUMNS = ["generation", "key", "formula", "windows", "perplexity", "status", "reason", "seconds", "cached"]
+CHECKPOINT = "checkpoint.pkl"
+
+
+def evaluator_factory(spec: EvalSpec):
+    """A picklable zero-argument constructor of the evaluator for `spec` (model "toy": the
+    synthetic evaluator; anything else: the real perplexity Evaluator)."""
+    if spec.model == "toy":
+        from .toy import ToyEvaluator
+
+        return partial(ToyEvaluator, spec)
+    from prunerzero.fitness.evaluator import Evaluator
+
+    return partial(Evaluator, spec)
+
+
+def make_backend(cfg: BackendConfig, factory) -> Backend:
+    if cfg.kind == "serial":
+        return SerialBackend(factory)
+    return RayBackend(factory, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
+                      gpus_per_worker=cfg.gpus_per_worker, retries=cfg.retries, timeout_s=cfg.timeout_s,
+                      address=cfg.address, dashboard=cfg.dashboard)
+
+
+def new_run_dir(config: CampaignConfig) -> Path:
+    base = Path(config.runs_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_campaign(config: CampaignConfig, run_dir: Path | None = None, backend: Backend | None = None,
+                 console: Console | None = None) -> Path:
+    """Start a campaign in a new run directory (or `run_dir`); return the run directory.
+    `backend` overrides the configured one (it is then not closed here)."""
+    run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    return _run(config, run_dir, None, backend, console)
+
+
+def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Console | None = None,
+                    **backend_changes) -> Path:
+    """Continue the campaign in `run_dir` from its last checkpoint (or from the start if it
+    has none). `backend_changes` (kind, workers, address, …) change where, never what."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
+    state = load_checkpoint(run_dir)
+    config = from_dict(state["config"] if state else json.loads((run_dir / "config.json").read_text()))
+    if backend_changes:
+        config = config.with_backend(**backend_changes)
+    return _run(config, run_dir, state, backend, console)
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / CHECKPOINT
+    return pickle.loads(path.read_bytes()) if path.is_file() else None
+
+
+def _run(config: CampaignConfig, run_dir: Path, state: dict | None, backend: Backend | None,
+         console: Console | None) -> Path:
+    console = console or Console(highlight=False)
+    spec = config.eval_spec()
+    own = backend is None
+    backend = backend or make_backend(config.backend, evaluator_factory(spec))
+    try:
+        fitness = FitnessMap(backend, FitnessCache(config.cache or None), spec.cache_key(),
+                             config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
+        engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness))
+        if state:
+            engine.load_state_dict(state["engine"])
+        _truncate_evaluations(run_dir, engine.generation)
+        console.print(f"[bold]{config.name}[/]: {spec.model} on {spec.corpus} ({spec.split}), "
+                      f"{spec.pattern} {spec.sparsity:g}, {config.protocol.describe()} → {run_dir}")
+        while not engine.done:
+            record = engine.step()
+            _append_evaluations(run_dir, engine.generation, fitness.take_log())
+            _save(run_dir, config, engine)
+            console.print(progress_line(record, config.search.generations))
+        _save(run_dir, config, engine)
+    finally:
+        if own:
+            backend.close()
+    return run_dir
+
+
+def _fitness_stats(fitness: FitnessMap) -> dict:
+    s = fitness.take_stats()
+    looked_up = s["cache_hits"] + s["evaluations"]
+    return {"evaluations": s["evaluations"], "cache_hits": s["cache_hits"],
+            "cache_hit_rate": s["cache_hits"] / looked_up if looked_up else 0.0, "failed": s["failed"],
+            "eval_windows": s["windows"], "eval_seconds": s["eval_seconds"]}
+
+
+def progress_line(r: dict, generations: int) -> str:
+    rate = r["evaluations"] / r["wall_seconds"] if r["wall_seconds"] > 0 else 0.0
+    return (f"gen {r['generation']:>3}/{generations}  best [bold green]{r['best_fitness']:.4g}[/] "
+            f"{r['best_formula']}  | median {r['median_fitness']:.4g}  {r['evaluations']} evals "
+            f"{rate:.2f}/s  cache {r['cache_hit_rate']:.0%}  rejected {r['rejected']}  "
+            f"unique {r['unique']}  {r['wall_seconds']:.1f}s")
+
+
+# ---------------------------------------------------------------- files
+def _save(run_dir: Path, config: CampaignConfig, engine: Engine) -> None:
+    """Checkpoint first: history and hall of fame are derived from it, so a kill in between
+    leaves nothing that a resume would not rewrite."""
+    state = {"version": 1, "config": config.to_dict(), "engine": engine.state_dict()}
+    atomic_write_bytes(run_dir / CHECKPOINT, pickle.dumps(state))
+    atomic_write_text(run_dir / "history.csv", _csv(HISTORY_COLUMNS, list(engine.logbook)))
+    atomic_write_text(run_dir / "hall_of_fame.csv", _csv(HOF_COLUMNS, hall_of_fame_rows(engine)))
+
+
+def hall_of_fame_rows(engine: Engine) -> list[dict]:
+    return [{"rank": rank, "fitness": ind.fitness.values[1], "windows": int(ind.fitness.values[0]),
+             "formula": str(ind), "key": ind.key, "generation": engine.first_seen.get(ind.key, ""),
+             "size": len(ind), "depth": ind.height}
+            for rank, ind in enumerate(engine.hof, start=1)]
+
+
+def _csv(columns: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _append_evaluations(run_dir: Path, generation: int, log: list) -> None:
+    path = run_dir / "evaluations.csv"
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        if new:
+            writer.writerow(EVAL_COLUMNS)
+        for key, formula, m in log:
+            r = m.result
+            writer.writerow([generation, key, formula, m.windows, r.perplexity, r.status, r.reason,
+                             f"{r.seconds:.3f}", int(m.cached)])
+
+
+def _truncate_evaluations(run_dir: Path, generation: int) -> None:
+    """Drop rows of generations after the checkpoint (they will be measured again) and a
+    partial last line left by a kill."""
+    path = run_dir / "evaluations.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [r for r in rows[1:] if len(r) == len(EVAL_COLUMNS) and r[0].isdigit() and int(r[0]) <= generation]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([EVAL_COLUMNS, *keep])
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,196 @@
+"""One validated campaign configuration, read from TOML.
+
+Defaults live here and nowhere else. Every key is type-checked and unknown keys are errors that
+name the key (`search.populaton: unknown key; known: …`). The resolved configuration
+(`to_dict`) is written into the run directory and into every checkpoint, and `from_dict` reads
+it back, so a resumed campaign runs exactly the configuration it started with.
+
+```toml
+name = "smoke"
+[eval]       # what a candidate is scored on (the search split is always "valid")
+[protocol]   # measurement protocol overrides: seq_len, calib_windows, eval_windows, seed, ...
+[search]     # GP: population, generations, operators, limits, seed ...
+[backend]    # "serial" or "ray": workers, resources per worker, retries, address
+[fidelity]   # successive halving on evaluation windows (rungs = 1: off)
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from prunerzero.fitness.evaluator import EvalSpec
+from prunerzero.protocol import Protocol
+
+from .problem import operator_set
+
+
+class ConfigError(ValueError):
+    """An invalid campaign configuration; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "smollm2-135m"  # "toy" selects the cheap synthetic evaluator (evolve/toy.py)
+    corpus: str = "austen"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    group: str = "row"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    population: int = 50
+    generations: int = 20
+    tournament: int = 3
+    cx_prob: float = 0.7
+    mut_prob: float = 0.2
+    point_mutation: float = 0.5  # share of mutations that replace one node (else a subtree)
+    init_min_depth: int = 1  # ramped half-and-half depths of the initial trees
+    init_max_depth: int = 4
+    max_depth: int = 8  # static limits on offspring (DEAP height: a terminal has height 0)
+    max_size: int = 30
+    operators: str = "pruner-zero"  # or "extended" (adds rownorm, colnorm)
+    hall_of_fame: int = 20
+    elites: int = 2  # best of the hall of fame copied unchanged into the next generation
+    max_redraws: int = 10  # an individual rejected by OOS is replaced by a fresh random one
+    seed: int = 0
+
+    def check(self) -> None:
+        _require(self.population >= 2, "search.population", "must be at least 2")
+        _require(self.generations >= 0, "search.generations", "must be >= 0")
+        _require(1 <= self.tournament <= self.population, "search.tournament", "must be in [1, population]")
+        for name in ("cx_prob", "mut_prob", "point_mutation"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"search.{name}", "must be in [0, 1]")
+        _require(0 <= self.init_min_depth <= self.init_max_depth, "search.init_min_depth", "must be in [0, init_max_depth]")
+        _require(self.init_max_depth <= self.max_depth, "search.max_depth", "must be >= init_max_depth")
+        _require(self.max_size >= 1, "search.max_size", "must be >= 1")
+        _require(self.hall_of_fame >= 1, "search.hall_of_fame", "must be >= 1")
+        _require(0 <= self.elites <= min(self.hall_of_fame, self.population - 1), "search.elites",
+                 "must be in [0, min(hall_of_fame, population - 1)]")
+        _require(self.max_redraws >= 0, "search.max_redraws", "must be >= 0")
+        try:
+            operator_set(self.operators)
+        except ValueError as e:
+            raise ConfigError(f"search.operators: {e}") from None
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = "serial"  # "serial" (in-process) or "ray"
+    workers: int = 1  # evaluator actors (model replicas)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 1.0 on a GPU machine: one replica per GPU
+    retries: int = 2  # a candidate whose worker died is retried this many times
+    timeout_s: float = 0.0  # an evaluation running longer is treated as a dead worker; 0: none
+    address: str = ""  # Ray cluster to join ("auto", "ray://…"); "" starts a local Ray (or uses RAY_ADDRESS)
+    dashboard: bool = False  # start Ray's dashboard with a local Ray
+
+    def check(self) -> None:
+        _require(self.kind in ("serial", "ray"), "backend.kind", f"must be 'serial' or 'ray', got {self.kind!r}")
+        _require(self.workers >= 1, "backend.workers", "must be >= 1")
+        _require(self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0, "backend.cpus_per_worker",
+                 "resources must be >= 0")
+        _require(self.retries >= 0, "backend.retries", "must be >= 0")
+        _require(self.timeout_s >= 0, "backend.timeout_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    rungs: int = 1  # successive-halving rungs; 1 = every candidate on the full budget
+    eta: int = 2  # each rung keeps the best 1/eta and gives them eta times the windows
+
+    def check(self) -> None:
+        _require(self.rungs >= 1, "fidelity.rungs", "must be >= 1")
+        _require(self.eta >= 2, "fidelity.eta", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    name: str = "campaign"
+    runs_dir: str = "results/runs"
+    cache: str = ""  # fitness cache file; "" = the shared default under the prunerzero cache dir
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    protocol: Protocol = field(default_factory=Protocol)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        for part in (self.search, self.backend, self.fidelity):
+            part.check()
+        try:
+            self.eval_spec()
+        except ValueError as e:
+            raise ConfigError(f"eval: {e}") from None
+        _require(self.protocol.eval_windows >= self.fidelity.eta ** (self.fidelity.rungs - 1),
+                 "fidelity.rungs", "leaves less than one evaluation window on the first rung")
+
+    def eval_spec(self) -> EvalSpec:
+        """What a candidate's fitness is measured on. A search only ever sees the valid split."""
+        return EvalSpec(**asdict(self.eval), split="valid", protocol=self.protocol)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_backend(self, **changes) -> "CampaignConfig":
+        """The same campaign on another backend (results do not depend on it)."""
+        return from_dict({**self.to_dict(), "backend": {**asdict(self.backend), **changes}})
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _build(cls, table: dict, where: str):
+    """An instance of the dataclass `cls` from a TOML table, checking keys and value types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key; known: {', '.join(sorted(known))}")
+        kind = hints[key]
+        if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
+            values[key] = _build(kind, value, path)
+        else:
+            values[key] = _check_type(value, kind, path)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a validator of a nested type (Protocol, EvalSpec)
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _check_type(value, kind, path: str):
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, str, bool) and type(value) is kind:
+        return value
+    raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}")
+
+
+def from_dict(data: dict) -> CampaignConfig:
+    return _build(CampaignConfig, data, "")
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"campaign config {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data)

@@ -1,0 +1,85 @@
+"""The persistent fitness cache, shared by every campaign on a machine.
+
+One SQLite file (stdlib `sqlite3`, WAL journal: concurrent campaigns read while one writes; a
+busy timeout waits for a writer's lock instead of failing). A row is keyed by the metric's
+canonical key, the evaluation spec's `cache_key()` (model, corpus, protocol, sparsity, pattern,
+group, split, dtype) and the number of evaluation windows (successive halving measures the same
+candidate on smaller budgets). Only deterministic outcomes are stored — a success, or a failure
+of the metric itself — never a lost worker, which a later run may well evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import astuple, fields
+from pathlib import Path
+
+from prunerzero.fitness.evaluator import FitnessResult
+from prunerzero.paths import cache_dir
+
+CACHEABLE = ("ok", "failed")  # statuses a retry would reproduce; "lost" (infrastructure) is not
+_COLUMNS = [f.name for f in fields(FitnessResult)]
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS fitness (
+    spec TEXT NOT NULL, windows INTEGER NOT NULL, {', '.join(f'{c}' for c in _COLUMNS)},
+    PRIMARY KEY (key, spec, windows)
+)"""
+
+
+def _result(row: tuple) -> FitnessResult:
+    # SQLite stores NaN as NULL: a failed result's perplexity and sparsity come back as None
+    return FitnessResult(*(math.nan if v is None else v for v in row))
+
+
+def default_cache_path() -> Path:
+    return cache_dir("fitness") / "fitness.sqlite"
+
+
+class FitnessCache:
+    """`get_many` / `put_many` over (metric key, spec key, windows) → FitnessResult."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_cache_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=60.0)
+        try:
+            with db:  # commit on success, roll back on error
+                yield db
+        finally:
+            db.close()
+
+    def get_many(self, keys: list[str], spec: str, windows: int) -> dict[str, FitnessResult]:
+        out: dict[str, FitnessResult] = {}
+        unique = sorted(set(keys))
+        with self._connect() as db:
+            for start in range(0, len(unique), 500):  # SQLite bounds the number of parameters
+                chunk = unique[start:start + 500]
+                rows = db.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM fitness WHERE spec = ? AND windows = ? "
+                    f"AND key IN ({', '.join('?' * len(chunk))})", (spec, windows, *chunk)).fetchall()
+                out.update((row[0], _result(row)) for row in rows)
+        return out
+
+    def put_many(self, results: list[FitnessResult], spec: str, windows: int) -> int:
+        """Store the cacheable results; the first writer of a key wins. Returns rows written."""
+        rows = [(spec, windows, *astuple(r)) for r in results if r.status in CACHEABLE]
+        if not rows:
+            return 0
+        with self._connect() as db:
+            before = db.total_changes
+            db.executemany(
+                f"INSERT OR IGNORE INTO fitness (spec, windows, {', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", rows)
+            return db.total_changes - before
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM fitness").fetchone()[0]

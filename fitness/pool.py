@@ -1,0 +1,191 @@
+"""Evaluation backends behind one interface: `backend.map(jobs) -> results`, in job order.
+
+- `SerialBackend`: one evaluator in this process (debugging; no Ray).
+- `RayBackend`: evaluator actors, each built once from a picklable factory (e.g.
+  `functools.partial(Evaluator, spec)`), so the model and its statistics load once per actor.
+  Candidates travel as expression strings and go to whichever actor is free, driven by a
+  bounded `ray.wait` loop (one evaluation in flight per actor) rather than ActorPool, so that
+  a dead actor is this code's decision: it is replaced and its candidate retried up to
+  `retries` times, then recorded as lost with the reason.
+
+Evaluation is idempotent and deterministic, so both backends give identical results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol
+
+from prunerzero.fitness.evaluator import FitnessResult
+from prunerzero.primitives.metric import Metric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # the metric's canonical key (results are reported under it)
+    expression: str
+    max_windows: int | None = None  # None: the protocol's full evaluation budget
+
+
+class Backend(Protocol):
+    def map(self, jobs: list[Job]) -> list[FitnessResult]: ...
+    def close(self) -> None: ...
+
+
+def lost(job: Job, reason: str) -> FitnessResult:
+    """An evaluation the infrastructure could not complete (not cached: a later run may)."""
+    return FitnessResult(job.key, math.nan, "lost", reason)
+
+
+class EvaluatorHost:
+    """Holds one evaluator; runs a job. A Ray actor class and the serial backend's engine."""
+
+    def __init__(self, factory: Callable[[], object]):
+        self.evaluator = factory()
+
+    def ping(self) -> bool:
+        return True
+
+    def evaluate(self, job: Job) -> FitnessResult:
+        start = time.perf_counter()
+        try:
+            result = self.evaluator.evaluate(Metric.from_expression(job.expression), job.max_windows)
+        except Exception as e:  # the evaluator should never raise; if it does, it is data
+            return FitnessResult(job.key, math.nan, "failed", f"{type(e).__name__}: {e}",
+                                 time.perf_counter() - start)
+        return replace(result, key=job.key)  # reported under the key the engine asked about
+
+
+class SerialBackend:
+    def __init__(self, factory: Callable[[], object]):
+        self.factory = factory
+        self._host: EvaluatorHost | None = None
+
+    def map(self, jobs: list[Job]) -> list[FitnessResult]:
+        if self._host is None and jobs:
+            self._host = EvaluatorHost(self.factory)  # heavy: load on first use
+        return [self._host.evaluate(j) for j in jobs]
+
+    def close(self) -> None:
+        self._host = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RayBackend:
+    def __init__(self, factory: Callable[[], object], workers: int = 1, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, retries: int = 2, timeout_s: float = 0.0,
+                 address: str = "", dashboard: bool = False):
+        import ray
+
+        self.ray = ray
+        self.factory, self.retries, self.timeout_s = factory, retries, timeout_s
+        self._started_ray = _ensure_ray(ray, address, workers * cpus_per_worker, dashboard)
+        self._actor_cls = ray.remote(EvaluatorHost).options(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0, max_task_retries=0)
+        self.actors = [self._actor_cls.remote(factory) for _ in range(workers)]
+        self._check_started()
+
+    def _check_started(self) -> None:
+        """Fail now, with the cause, if evaluators cannot be built at all (a bad model name)."""
+        try:
+            self.ray.get([a.ping.remote() for a in self.actors])
+        except self.ray.exceptions.RayActorError as e:
+            self.close()
+            raise RuntimeError(f"evaluator actors failed to start: {e}") from None
+
+    def _replace(self, actor):
+        self.ray.kill(actor, no_restart=True)
+        new = self._actor_cls.remote(self.factory)
+        self.actors[self.actors.index(actor)] = new
+        return new
+
+    def map(self, jobs: list[Job]) -> list[FitnessResult]:
+        results: list[FitnessResult | None] = [None] * len(jobs)
+        attempts = [0] * len(jobs)
+        pending = deque(range(len(jobs)))
+        running: dict = {}  # object ref -> (actor, job index, start time)
+        overdue: set = set()  # refs whose actor was killed for running past the timeout
+        idle = list(self.actors)
+        while pending or running:
+            while idle and pending:  # at most one evaluation in flight per actor
+                actor, i = idle.pop(), pending.popleft()
+                running[actor.evaluate.remote(jobs[i])] = (actor, i, time.monotonic())
+            done, _ = self.ray.wait(list(running), num_returns=1, timeout=self._wait_s(running))
+            overdue |= self._kill_overdue(running, done)
+            for ref in done:
+                actor, i, _ = running.pop(ref)
+                try:
+                    results[i] = self.ray.get(ref)
+                    idle.append(actor)
+                except self.ray.exceptions.RayActorError as e:
+                    idle.append(self._replace(actor))
+                    attempts[i] += 1
+                    why = f"timed out after {self.timeout_s:g}s" if ref in overdue else _first_line(e)
+                    if attempts[i] > self.retries:
+                        results[i] = lost(jobs[i], f"worker died {attempts[i]} times, last: {why}")
+                        log.warning("candidate %s lost: %s", jobs[i].expression, results[i].reason)
+                    else:
+                        log.warning("worker died on %s; retrying (%d/%d)", jobs[i].expression, attempts[i], self.retries)
+                        pending.appendleft(i)
+        return results
+
+    def _wait_s(self, running: dict) -> float | None:
+        if not self.timeout_s:
+            return None
+        oldest = min(start for _, _, start in running.values())
+        return max(0.0, oldest + self.timeout_s - time.monotonic())
+
+    def _kill_overdue(self, running: dict, done: list) -> set:
+        """Kill the actor of each evaluation past the timeout (its ref then fails as a dead
+        actor's); return those refs."""
+        if not self.timeout_s:
+            return set()
+        now = time.monotonic()
+        killed = {ref for ref, (_, _, start) in running.items() if ref not in done and now - start > self.timeout_s}
+        for ref in killed:
+            self.ray.kill(running[ref][0], no_restart=True)
+        return killed
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a, no_restart=True)
+        self.actors = []
+        if self._started_ray:
+            self.ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _ensure_ray(ray, address: str, cpus: float, dashboard: bool) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a local Ray; use one already initialised.
+    Returns whether this call started Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=dashboard,
+                 log_to_driver=False)
+    return True

@@ -1,0 +1,47 @@
+"""The engine on a stub fitness function: OOS rejection and redraws, elitism, key-based hall of fame."""
+
+from prunerzero.evolve.config import SearchConfig
+from prunerzero.evolve.engine import Engine
+from prunerzero.evolve.evaluation import Measured
+from prunerzero.evolve.problem import from_string, primitive_set
+from prunerzero.evolve.simplify import simplify
+from prunerzero.fitness.evaluator import WORST_FITNESS, FitnessResult
+from prunerzero.primitives.expression import parse
+from prunerzero.primitives.metric import Metric
+
+
+def by_length(candidates):
+    """Stub fitness: shorter formulas are better."""
+    return [Measured(8, FitnessResult(k, 10.0 + len(f), "ok")) for k, f in candidates]
+
+
+def test_rejected_individual_is_redrawn_or_gets_the_worst_fitness_unevaluated():
+    seen = []
+    engine = Engine(SearchConfig(max_redraws=0), lambda c: seen.extend(c) or by_length(c))
+    ind = engine._oos(from_string("sub(W, W)", primitive_set()))
+    engine._evaluate([ind])
+    assert ind.fitness.values == (0, WORST_FITNESS) and seen == [] and engine._rejected == 1
+
+    engine = Engine(SearchConfig(max_redraws=10), by_length)
+    ind = engine._oos(from_string("div(G, G)", primitive_set()))
+    assert not ind.fitness.valid and simplify(parse(str(ind))).ok and engine._rejected >= 1
+
+
+def test_offspring_are_replaced_by_their_simplified_trees():
+    engine = Engine(SearchConfig(), by_length)
+    ind = engine._oos(from_string("sqrt(sqr(neg(neg(W))))", primitive_set()))
+    assert str(ind) == "abs(W)" and ind.key == Metric.from_expression("abs(W)").key
+
+
+def test_generations_keep_elites_and_a_hall_of_fame_without_duplicate_keys():
+    search = SearchConfig(population=10, generations=3, hall_of_fame=6, elites=2, seed=4)
+    engine = Engine(search, by_length)
+    while not engine.done:
+        record = engine.step()
+        assert len(engine.population) == search.population
+        for elite in engine.hof[: search.elites]:
+            assert any(ind.key == elite.key for ind in engine.population)
+    keys = [ind.key for ind in engine.hof]
+    assert len(keys) == len(set(keys)) == search.hall_of_fame
+    assert record["best_fitness"] == min(i.fitness.values[1] for i in engine.hof)
+    assert len(engine.logbook) == search.generations + 1
