@@ -1,0 +1,37 @@
+"""The evolve/export commands on a toy campaign: run, resume, export, and config errors."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from prunerzero.cli_evolve import evolve_app
+
+runner = CliRunner()
+
+
+def _toml(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "toy.toml"
+    path.write_text(f'name = "cli"\nruns_dir = "{tmp_path / "runs"}"\ncache = "{tmp_path / "c.sqlite"}"\n'
+                    '[eval]\nmodel = "toy"\n[protocol]\ncalib_windows = 4\neval_windows = 4\n'
+                    f'[search]\npopulation = 6\ngenerations = 1\nhall_of_fame = 3\n{extra}')
+    return path
+
+
+def test_evolve_resume_and_export(tmp_path):
+    result = runner.invoke(evolve_app, ["evolve", str(_toml(tmp_path))])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"run directory: {run_dir}" in result.output and "gen   1/1" in result.output
+    assert runner.invoke(evolve_app, ["evolve", "--resume", str(run_dir)]).exit_code == 0
+    result = runner.invoke(evolve_app, ["export", str(run_dir), "--top", "2", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [f"{run_dir.name}-1.py", f"{run_dir.name}-2.py"]
+
+
+def test_bad_config_and_arguments_are_clear_errors(tmp_path):
+    result = runner.invoke(evolve_app, ["evolve", str(_toml(tmp_path, "mutation = 0.1\n"))])
+    assert result.exit_code == 2 and "search.mutation: unknown key" in result.output
+    result = runner.invoke(evolve_app, ["evolve"])
+    assert result.exit_code != 0 and "either a CONFIG or --resume" in result.output
+    result = runner.invoke(evolve_app, ["export", str(tmp_path)])
+    assert result.exit_code == 2 and "hall_of_fame.csv" in result.output
