@@ -45,6 +45,7 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
                    log=log)
     dense = ev.measure()
     log(f"dense perplexity {dense.perplexity:.3f} on {dense.tokens} {split} tokens")
+    ev.stats(frozenset().union(*(getattr(t, "needs", ()) for *_, t in resolved)))  # one calibration pass for all
     rows = []
     for name, formula, key, thing in resolved:
         for target in targets:
