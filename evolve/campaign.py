@@ -51,8 +51,10 @@ def evaluator_factory(spec: EvalSpec):
 
         return partial(ToyEvaluator, spec)
     from prunerzero.fitness.evaluator import Evaluator
+    from prunerzero.primitives.terminals import TERMINALS
 
-    return partial(Evaluator, spec)
+    # any candidate may read G and X: calibrate both once, up front, not per first use
+    return partial(Evaluator, spec, needs=frozenset(TERMINALS))
 
 
 def make_backend(cfg: BackendConfig, factory) -> Backend:

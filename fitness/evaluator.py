@@ -74,7 +74,8 @@ class Evaluator:
     `prune` / `restore` / `measure` are the steps; `evaluate` chains them for the search and
     turns any failure into a FitnessResult with the worst fitness."""
 
-    def __init__(self, spec: EvalSpec, log=None) -> None:
+    def __init__(self, spec: EvalSpec, log=None, needs: frozenset[str] = frozenset()) -> None:
+        """`needs`: statistics to compute (or load) now rather than at the first metric needing them."""
         from prunerzero.models.adapter import ModelAdapter
         from prunerzero.models.corpora import load_tokenized
         from prunerzero.models.loading import load_model
@@ -92,6 +93,8 @@ class Evaluator:
         self.snapshot = DenseSnapshot(self.units)
         self._stats = None
         self.target = _target(spec)
+        if needs:
+            self.stats(needs)
 
     @property
     def model(self):

@@ -226,7 +226,7 @@ def compile_tree(node: Node) -> Compiled:
     """Compose the tree into one callable over a terminal mapping {"W": …, "G": …, "X": …}."""
     if node.name == "const":
         v = float(node.value)
-        return lambda env: torch.full((), v, dtype=env["W"].dtype, device=env["W"].device)
+        return lambda env: torch.full_like(env["W"], v)  # full shape: layer-wise operators apply to it too
     if node.name in TERMINALS:
         name = node.name
         return lambda env: env[name]
@@ -244,7 +244,7 @@ def to_source(node: Node) -> str:
     """A Python expression over W, G, X calling the operators' own torch functions (op_<name>),
     each result passed through _finite exactly as the framework does."""
     if node.name == "const":
-        return f"torch.full((), {float(node.value)!r}, dtype=W.dtype, device=W.device)"
+        return f"torch.full_like(W, {float(node.value)!r})"
     if node.name in TERMINALS:
         return node.name
     return f"_finite(op_{node.name}({', '.join(to_source(c) for c in node.children)}))"

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from prunerzero.paths import atomic_write_text, cache_dir
+from prunerzero.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 
 @dataclass
@@ -50,9 +50,8 @@ class LayerStats:
         path.mkdir(parents=True, exist_ok=True)
         tensors = {f"X::{k}": v.contiguous() for k, v in self.X.items()}
         tensors |= {f"G::{k}": v.contiguous() for k, v in self.G.items()}
-        tmp = path / "stats.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(path / "stats.safetensors")
+        # unique temporary file + os.replace: evaluators calibrating at once never mix their bytes
+        atomic_write_bytes(path / "stats.safetensors", save(tensors))
         atomic_write_text(path / "meta.json", json.dumps(self.meta, indent=1, sort_keys=True))
 
     @classmethod

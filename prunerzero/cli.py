@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from prunerzero.cli_evolve import evolve_app
 from prunerzero.protocol import Protocol
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -167,15 +168,7 @@ def print_table(df) -> None:
     Console().print(table)
 
 
-def _mount_evolve() -> None:
-    try:
-        from prunerzero.cli_evolve import evolve_app
-    except ImportError:  # the evolution engine is optional at import time of the CLI
-        return
-    app.add_typer(evolve_app)
-
-
-_mount_evolve()
+app.add_typer(evolve_app)  # no name: `evolve` and `export` join the top level
 
 
 def main() -> None:  # pragma: no cover - console entry
