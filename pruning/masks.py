@@ -1,8 +1,8 @@
 """Scores → masks, for every comparison group. The one place an N:M loop exists.
 
 A mask is a bool tensor of the weight's shape, True where the weight is pruned (set to zero).
-The lowest scores are pruned; ties are broken by position (stable sort), so masks are
-deterministic on every backend.
+The lowest scores are pruned; ties are broken by position (the leftmost first, as a stable sort
+would), so masks are deterministic on every backend.
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | Non
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of a 2-D tensor, True at the k lowest scores."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.sort(scores, dim=-1, stable=True).indices[:, :k]
-        mask.scatter_(-1, idx, True)
-    return mask
+    """Per row of a 2-D tensor, True at the k lowest scores; among scores equal to the k-th
+    lowest, the leftmost go first — exactly a stable sort's choice, at a partial selection's
+    cost (topk finds the k-th value; no full sort)."""
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    kth = torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    below = scores < kth
+    at = scores == kth
+    room = k - below.sum(dim=-1, keepdim=True)  # how many of the tied scores are pruned
+    return below | (at & (at.cumsum(dim=-1) <= room))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, name: str = "") -> torch.Tensor:
