@@ -76,7 +76,7 @@ class Engine:
         self.generation = -1  # the last completed generation
         self.first_seen: dict[str, int] = {}  # canonical key -> generation it was first evaluated
         self.rng_state = random.Random(search.seed).getstate()
-        self._rejected = 0
+        self._rejected = self._offspring = 0  # per generation: OOS rejections, individuals needing fitness
 
     @property
     def done(self) -> bool:
@@ -119,6 +119,7 @@ class Engine:
         out = []
         for ind in individuals:
             if not ind.fitness.valid:
+                self._offspring += 1
                 ind = self._oos(ind)
             out.append(ind)
         return out
@@ -158,11 +159,12 @@ class Engine:
             "best_formula": str(best),
             "best_key": best.key,
             "unique": len({ind.key for ind in self.population}),
+            "offspring": self._offspring,
             "rejected": self._rejected,
             **self.extra_stats(),
             "wall_seconds": wall_s,
         }
-        self._rejected = 0
+        self._rejected = self._offspring = 0
         self.logbook.record(**record)
         return record
 

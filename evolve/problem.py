@@ -28,7 +28,7 @@ from functools import lru_cache
 
 from deap import base, creator, gp
 
-from prunerzero.primitives.expression import Node, const, parse
+from prunerzero.primitives.expression import Node, parse
 from prunerzero.primitives.operators import OPERATORS
 from prunerzero.primitives.terminals import TERMINALS
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 import sympy
 import torch
 
-from prunerzero.primitives.expression import ExpressionError, Node, from_sympy, to_sympy
+from prunerzero.primitives.expression import ExpressionError, Node, from_sympy
 from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.operators import Colnorm, Mms, Rownorm, Zscore
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import subprocess
 import tempfile
-import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prunerzero.paths import cache_dir
+from prunerzero.paths import atomic_write_bytes, cache_dir
 import torch
 
 SPLITS = ("train", "valid", "test")
@@ -89,7 +89,7 @@ def fetch_corpus(name: str, force: bool = False) -> Path:
     if path.is_file() and not force:
         return path
     text = FETCHERS[name]()
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 
@@ -232,7 +232,9 @@ def _cached_token_ids(corpus: CorpusText, tokenizer) -> torch.Tensor:
     if path.is_file():
         return torch.load(path, weights_only=True)
     ids = tokenize(corpus.text, tokenizer)
-    _write_atomic(path, lambda f: torch.save(ids, f))
+    buf = io.BytesIO()
+    torch.save(ids, buf)
+    atomic_write_bytes(path, buf.getvalue())
     return ids
 
 
@@ -296,15 +298,3 @@ def _check_length(ids: torch.Tensor, needed: int, what: str, corpus: str, split:
         raise CorpusTooShortError(
             f"corpus {corpus!r}, split {split!r} has {len(ids)} tokens, but {what} needs at least {needed}"
         )
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """Write through a uniquely named temporary file beside `path`, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

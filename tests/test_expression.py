@@ -180,9 +180,11 @@ def test_parser_never_evaluates(monkeypatch):
     assert calls == []
 
 
-def test_constants_compile_to_scalars_of_the_weight_dtype():
+def test_constants_compile_to_tensors_of_the_weight_shape_and_dtype():
     env = _env()
     out = compile_tree(parse("add(W, 1.5)"))(env)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, env["W"] + 1.5)
-    assert compile_tree(const(2.0))(env).shape == ()
+    assert compile_tree(const(2.0))(env).shape == env["W"].shape
+    # layer-wise operators accept a constant operand
+    assert torch.isfinite(compile_tree(parse("colnorm(2.0)"))(env)).all()

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import ray
 
-from prunerzero.evolve.campaign import evaluator_factory, run_campaign
+from prunerzero.evolve.campaign import run_campaign
 from prunerzero.evolve.toy import ToyEvaluator, toy_config
 from prunerzero.fitness.cache import FitnessCache
 from prunerzero.fitness.evaluator import FitnessResult

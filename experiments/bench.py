@@ -1,0 +1,270 @@
+"""Benchmark suite: what a candidate costs, against the hardware floor, and how the search scales.
+
+    python experiments/bench.py                  # size by machine: "full" on a GPU, "small" on CPU
+    python experiments/bench.py --size tiny      # seconds: the CPU smoke run the tests use
+
+Measures, on whatever machine it runs on (CPU or GPU), with the real smollm2-135m and austen:
+  a. per-candidate fitness cost broken down (scores, masks, apply, perplexity forward, restore)
+     against a plain forward pass over the same tokens (the floor);
+  b. evaluator throughput in tokens/s against the plain forward;
+  c. Ray scaling: evaluations/s with 1, 2, … evaluators, efficiency = speedup / N;
+  d. search efficiency over a 20-generation campaign: how many evaluations OOS, de-duplication
+     and the fitness cache spare;
+  e. peak memory of statistics collection and of one evaluator, against the model's size.
+and writes the report (tables, machine, command, medians over repeats) to results/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from prunerzero.fitness.pool import Job, RayBackend
+from prunerzero.paths import atomic_write_text
+from prunerzero.primitives.metric import resolve_metric
+from prunerzero.protocol import Protocol
+from prunerzero.pruning.apply import unit_scores
+from prunerzero.pruning.masks import select_mask
+
+SIZES = {  # protocol and repetition per size; "full" is the default protocol (GPU)
+    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, toy=True),
+    "small": dict(seq_len=256, calib=16, windows=8, repeats=5, jobs=3, population=16, generations=20, toy=True),
+    "full": dict(seq_len=1024, calib=128, windows=128, repeats=5, jobs=4, population=32, generations=20, toy=False),
+}
+METRIC = "wanda"
+RAY_METRICS = ["magnitude", "wanda", "ria", "pruner-zero", "gradient", "mul(sqr(W), sqrt(X))",
+               "mul(abs(W), X)", "mul(sqrt(abs(W)), G)"]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1000 * statistics.median(samples)
+
+
+# ------------------------------------------------------------------ a, b: one candidate
+def candidate_costs(ev: Evaluator, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of one fitness evaluation, `repeats` times; plus the floor."""
+    metric = resolve_metric(METRIC)
+    stats = ev.stats(metric.needs)
+    ids = ev.windows
+    steps: dict[str, list[float]] = {k: [] for k in
+                                     ("scores", "masks", "apply", "forward", "restore", "evaluate", "floor")}
+    for _ in range(repeats):
+        t, scores = timed(lambda: [unit_scores(metric, u, stats) for u in ev.units])
+        steps["scores"].append(t)
+        t, masks = timed(lambda: [select_mask(s, ev.target.sparsity, ev.target.nm, ev.target.group) for s in scores])
+        steps["masks"].append(t)
+        steps["apply"].append(timed(lambda: [u.weight.masked_fill_(m, 0) for u, m in zip(ev.units, masks)])[0])
+        steps["forward"].append(timed(lambda: ev.measure())[0])
+        steps["restore"].append(timed(ev.restore)[0])
+        steps["evaluate"].append(timed(lambda: ev.evaluate(metric))[0])
+        steps["floor"].append(timed(lambda: plain_forward(ev.model, ids))[0])
+    return steps
+
+
+@torch.no_grad()
+def plain_forward(model, ids: torch.Tensor, batch_size: int = 4) -> None:
+    device = next(model.parameters()).device
+    for i in range(0, ids.shape[0], batch_size):
+        model(ids[i : i + batch_size].to(device), use_cache=False)
+
+
+# ------------------------------------------------------------------ c: Ray scaling
+def ray_scaling(spec: EvalSpec, max_workers: int, jobs_per_worker: int, gpu: bool) -> list[dict]:
+    import ray
+
+    from prunerzero.evolve.campaign import evaluator_factory
+
+    rows = []
+    for n in range(1, max_workers + 1):
+        backend = RayBackend(evaluator_factory(spec), workers=n, cpus_per_worker=1.0,
+                             gpus_per_worker=(1.0 / n if gpu else 0.0), retries=1, timeout_s=0.0, address="",
+                             dashboard=False)
+        jobs = [Job(f"bench-{i}", resolve_metric(RAY_METRICS[i % len(RAY_METRICS)]).formula)
+                for i in range(n * jobs_per_worker)]
+        backend.map(jobs[:n])  # warm-up: every actor loads the model and statistics
+        t, results = timed(lambda: backend.map(jobs))
+        backend.close()
+        rows.append({"workers": n, "evaluations": len(jobs), "seconds": t, "evals_per_s": len(jobs) / t,
+                     "failed": sum(r.status != "ok" for r in results)})
+    ray.shutdown()
+    base = rows[0]["evals_per_s"]
+    for r in rows:
+        r["speedup"] = r["evals_per_s"] / base
+        r["efficiency"] = r["speedup"] / r["workers"]
+    return rows
+
+
+# ------------------------------------------------------------------ d: search efficiency
+def search_efficiency(size: dict, spec: EvalSpec) -> dict:
+    import pandas as pd
+
+    from prunerzero.evolve.campaign import run_campaign
+    from prunerzero.evolve.config import from_dict
+
+    with tempfile.TemporaryDirectory() as root:
+        model = "toy" if size["toy"] else spec.model
+        config = from_dict({
+            "name": "bench-search", "runs_dir": f"{root}/runs", "cache": f"{root}/fitness.sqlite",
+            "eval": {"model": model, "corpus": spec.corpus, "device": spec.device},
+            "protocol": {"seq_len": size["seq_len"], "calib_windows": size["calib"], "eval_windows": size["windows"]},
+            "search": {"population": size["population"], "generations": size["generations"], "seed": 0},
+        })
+        from rich.console import Console
+
+        run_dir = run_campaign(config, console=Console(file=open(os.devnull, "w")))
+        h = pd.read_csv(run_dir / "history.csv")
+    generated = int(h["offspring"].sum() + h["rejected"].sum())  # every tree made, degenerate ones included
+    evaluated = int(h["evaluations"].sum())
+    cache_hits = int(h["cache_hits"].sum())
+    return {"evaluator": "toy (synthetic)" if size["toy"] else "real perplexity", "generations": size["generations"],
+            "population": size["population"], "generated": generated, "rejected_by_oos": int(h["rejected"].sum()),
+            "duplicates": int(h["offspring"].sum()) - evaluated - cache_hits, "cache_hits": cache_hits,
+            "evaluated": evaluated, "spared": 1 - evaluated / max(generated, 1),
+            "best": f"{h['best_formula'].iloc[-1]} ({h['best_fitness'].iloc[-1]:.3f})"}
+
+
+# ------------------------------------------------------------------ e: memory
+def peak_memory(spec: EvalSpec) -> dict:
+    """Peak memory of each phase in a fresh process (GPU: max allocated; CPU: max RSS)."""
+    out = {}
+    for phase in ("load", "stats", "evaluator"):
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
+                f"from bench import *; print(bench._phase_peak({phase!r}, {spec!r}))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        if proc.returncode:
+            raise RuntimeError(f"memory phase {phase} failed:\n{proc.stderr[-2000:]}")
+        out[phase] = float(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _phase_peak(phase: str, spec: EvalSpec) -> float:
+    """MiB at peak for: loading the model; + collecting W, G, X statistics (no cache); + one evaluation."""
+    gpu = torch.cuda.is_available()
+    ev = Evaluator(spec)
+    if phase == "stats":
+        from prunerzero.primitives.stats import collect_stats
+
+        collect_stats(ev.model, ev.adapter, ev.calibration, need_g=True)
+    if phase == "evaluator":
+        ev.evaluate(resolve_metric("pruner-zero"))
+    if gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------ report
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def report(args, spec, ev, costs, scaling, search, memory) -> str:
+    n_params = sum(u.weight.numel() for u in ev.units)
+    model_mib = sum(p.numel() * p.element_size() for p in ev.model.parameters()) / 2**20
+    med = {k: median_ms(v) for k, v in costs.items()}
+    tokens = int(ev.windows.numel())
+    prune_restore = med["scores"] + med["masks"] + med["apply"] + med["restore"]
+    lines = [
+        "# prunerzero benchmarks", "",
+        f"Written by `python experiments/bench.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {machine()}. Device {ev.lm.device}, weights {str(ev.lm.dtype).replace('torch.', '')}.",
+        f"Model smollm2-135m ({n_params / 1e6:.1f}M pruned weights in {len(ev.units)} units; {model_mib:.0f} MiB of parameters); "
+        f"corpus austen; {spec.protocol.describe()}; metric {METRIC} at {ev.target.describe()}.",
+        f"Medians over {args.repeats} repeats.", "",
+        "## a. Per-candidate fitness cost", "",
+        f"Perplexity forward over {ev.windows.shape[0]} windows x {ev.windows.shape[1]} tokens = {tokens} tokens.", "",
+        "| step | median ms | share of the forward |", "|---|---:|---:|",
+    ]
+    for k in ("scores", "masks", "apply", "restore", "forward", "evaluate", "floor"):
+        lines.append(f"| {k} | {med[k]:.1f} | {med[k] / med['forward']:.1%} |")
+    lines += ["", f"Pruning + restore = {prune_restore:.1f} ms = **{prune_restore / med['forward']:.1%} of the forward** "
+              "(target on a GPU: <= 15%).", "",
+              "## b. Evaluator throughput", "",
+              "| | tokens/s |", "|---|---:|",
+              f"| plain forward (floor) | {tokens / (med['floor'] / 1000):.0f} |",
+              f"| evaluator (prune + perplexity + restore) | {tokens / (med['evaluate'] / 1000):.0f} |", "",
+              f"Evaluator throughput = **{med['floor'] / med['evaluate']:.1%} of the plain forward** (target on a GPU: >= 90%).", "",
+              "## c. Ray scaling", "",
+              f"Real evaluators (one model replica each), {args.jobs} candidates per evaluator after a warm-up call per actor.", "",
+              "| evaluators | evaluations | seconds | evaluations/s | speedup | efficiency |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in scaling:
+        lines.append(f"| {r['workers']} | {r['evaluations']} | {r['seconds']:.1f} | {r['evals_per_s']:.3f} | "
+                     f"{r['speedup']:.2f} | {r['efficiency']:.2f} |")
+    lines += ["", f"Efficiency at {scaling[-1]['workers']} evaluators: **{scaling[-1]['efficiency']:.2f}** (target >= 0.85).", "",
+              "## d. Search efficiency", "",
+              f"A {search['generations']}-generation campaign, population {search['population']}, evaluator: {search['evaluator']}, "
+              "fresh fitness cache.", "",
+              "| trees generated | rejected by OOS | duplicates after OOS | cache hits | evaluated | spared |",
+              "|---:|---:|---:|---:|---:|---:|",
+              f"| {search['generated']} | {search['rejected_by_oos']} | {search['duplicates']} | {search['cache_hits']} | "
+              f"{search['evaluated']} | **{search['spared']:.1%}** |", "",
+              f"Best: `{search['best']}`. Target: OOS + de-duplication + cache avoid >= 30% of evaluations.", "",
+              "## e. Peak memory", "",
+              f"Each phase in a fresh process; {'max GPU memory allocated' if torch.cuda.is_available() else 'max RSS'} in MiB; "
+              f"parameters alone: {model_mib:.0f} MiB.", "",
+              "| phase | peak MiB | x parameters |", "|---|---:|---:|"]
+    for k, label in (("load", "model loaded"), ("stats", "statistics collection (W, G, X)"), ("evaluator", "one evaluator, one evaluation")):
+        lines.append(f"| {label} | {memory[k]:.0f} | {memory[k] / model_mib:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="full" if torch.cuda.is_available() else "small")
+    parser.add_argument("--out", type=Path, default=Path("results/BENCHMARKS.md"))
+    parser.add_argument("--max-workers", type=int, default=0, help="Ray evaluators up to (default: CPU cores, or 4 on a GPU)")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    args.repeats, args.jobs = size["repeats"], size["jobs"]
+    gpu = torch.cuda.is_available()
+    max_workers = args.max_workers or (4 if gpu else max(1, os.cpu_count() or 1))
+    spec = EvalSpec(split="valid", protocol=Protocol(seq_len=size["seq_len"], calib_windows=size["calib"],
+                                                     eval_windows=size["windows"]))
+    print(f"bench {args.size} on {machine()}", flush=True)
+    ev = Evaluator(spec, needs=frozenset("WGX"))
+    costs = candidate_costs(ev, args.repeats)
+    print("a, b done", flush=True)
+    memory = peak_memory(spec)
+    print("e done", flush=True)
+    scaling = ray_scaling(spec, max_workers, args.jobs, gpu)
+    print("c done", flush=True)
+    search = search_efficiency(size, spec)
+    print("d done", flush=True)
+    text = report(args, spec, ev, costs, scaling, search, memory)
+    atomic_write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark script runs end to end on CPU at its tiny size and writes a complete report."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_tiny_writes_every_section(tmp_path):
+    out = tmp_path / "BENCH.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--size", "tiny", "--out", str(out),
+                           "--max-workers", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for heading in ("a. Per-candidate fitness cost", "b. Evaluator throughput", "c. Ray scaling",
+                    "d. Search efficiency", "e. Peak memory"):
+        assert f"## {heading}" in text
+    assert re.search(r"\| 2 \| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", text)  # 2 evaluators, 4 candidates
+    spared = float(re.search(r"\*\*([\d.]+)%\*\* \|", text).group(1))
+    assert 0 <= spared <= 100
+    params = float(re.search(r"parameters alone: (\d+) MiB", text).group(1))
+    loaded = float(re.search(r"\| model loaded \| (\d+) \|", text).group(1))
+    assert loaded >= params  # the process held at least the parameters
