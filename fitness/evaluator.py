@@ -114,7 +114,9 @@ class Evaluator:
             path = stats_cache_path(model_id, _fingerprint_tensor(self.calibration), p.calibration_key())
             meta = {"model": self.spec.model, "corpus": self.spec.corpus, "protocol": p.describe()}
             stats = load_or_collect(path, self.model, self.adapter, self.calibration, need_g, meta, self.log)
-            self._stats = stats.to(self.lm.device)
+            # held in the model's dtype on its device: no per-candidate transfers, and on a GPU
+            # (bf16) G costs what the model does, not twice as much; scores upcast per unit
+            self._stats = stats.to(self.lm.device, self.lm.dtype)
         return self._stats
 
     def prune(self, metric, target=None):

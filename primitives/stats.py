@@ -91,15 +91,18 @@ def x_for_units(units, acc: ActivationAccumulator) -> dict[str, torch.Tensor]:
 
 
 def collect_stats(model, adapter, windows: torch.Tensor, need_g: bool, batch_size: int = 8,
-                  progress=None) -> LayerStats:
+                  progress=None, accumulate_on: str | torch.device | None = None) -> LayerStats:
     """One calibration pass over `windows` (n, seq_len): X always; G when `need_g`.
-    With G, windows go one at a time (per-sample gradients); without, in batches under no_grad."""
+    With G, windows go one at a time (per-sample gradients); without, in batches under no_grad.
+    `accumulate_on="cpu"` keeps the float32 g² accumulators in host memory, so that the GPU holds
+    only the model, one parameter's gradient and one sample's activations (for models whose
+    float32 accumulator would not fit beside them)."""
     units = adapter.prunable()
     acc = ActivationAccumulator()
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     with adapter.capture(acc):
-        g = _gradient_pass(model, units, windows, device, progress) if need_g else None
+        g = _gradient_pass(model, units, windows, device, progress, accumulate_on) if need_g else None
         if g is None:
             _forward_pass(model, windows, device, batch_size, progress)
     stats = LayerStats(X=x_for_units(units, acc), G=g or {})
@@ -116,12 +119,13 @@ def _forward_pass(model, windows, device, batch_size, progress) -> None:
             progress(min(i + batch_size, windows.shape[0]), windows.shape[0])
 
 
-def _gradient_pass(model, units, windows, device, progress) -> dict[str, torch.Tensor]:
+def _gradient_pass(model, units, windows, device, progress, accumulate_on=None) -> dict[str, torch.Tensor]:
     params = {id(u.param): u.param for u in units}
-    accum = {pid: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for pid, p in params.items()}
+    accum = {pid: torch.zeros(p.shape, dtype=torch.float32, device=accumulate_on or p.device)
+             for pid, p in params.items()}
 
     def add_square(p: torch.Tensor) -> None:
-        accum[id(p)].add_(p.grad.float().square())
+        accum[id(p)].add_(p.grad.float().square().to(accum[id(p)].device))
         p.grad = None  # free at once: never a full gradient buffer for the model
 
     was_training = model.training
