@@ -36,7 +36,7 @@ from .engine import Engine
 from .evaluation import FitnessMap
 
 HISTORY_COLUMNS = ["generation", "best_fitness", "median_fitness", "best_formula", "best_key", "unique",
-                   "offspring", "evaluations", "cache_hits", "cache_hit_rate", "rejected", "failed", "eval_windows",
+                   "offspring", "evaluations", "cache_hits", "cache_hit_rate", "rejected", "clones", "failed", "eval_windows",
                    "eval_seconds", "wall_seconds"]
 HOF_COLUMNS = ["rank", "fitness", "windows", "formula", "key", "generation", "size", "depth"]
 EVAL_COLUMNS = ["generation", "key", "formula", "windows", "perplexity", "status", "reason", "seconds", "cached"]

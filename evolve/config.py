@@ -59,6 +59,7 @@ class SearchConfig:
     hall_of_fame: int = 20
     elites: int = 2  # best of the hall of fame copied unchanged into the next generation
     max_redraws: int = 10  # an individual rejected by OOS is replaced by a fresh random one
+    clone_penalty: bool = True  # offspring measuring exactly a known fitness (same masks) lose it
     seed: int = 0
 
     def check(self) -> None:

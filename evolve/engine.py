@@ -76,7 +76,8 @@ class Engine:
         self.generation = -1  # the last completed generation
         self.first_seen: dict[str, int] = {}  # canonical key -> generation it was first evaluated
         self.rng_state = random.Random(search.seed).getstate()
-        self._rejected = self._offspring = 0  # per generation: OOS rejections, individuals needing fitness
+        # per generation: OOS rejections, individuals needing fitness, phenotypic clones penalised
+        self._rejected = self._offspring = self._clones = 0
 
     @property
     def done(self) -> bool:
@@ -110,6 +111,8 @@ class Engine:
         self.generation += 1
         offspring = self._simplify(offspring)
         self._evaluate(offspring)
+        if self.search.clone_penalty:
+            self._penalise_clones(offspring)
         self.population = offspring + elites
         self.hof.update(self.population)
         return self._record(time.perf_counter() - start)
@@ -149,6 +152,23 @@ class Engine:
             ind.fitness.values = (m.windows, m.result.fitness)
             self.first_seen.setdefault(ind.key, self.generation)
 
+    def _penalise_clones(self, offspring: list) -> None:
+        """Phenotypic de-duplication. Pruning depends only on the order a metric puts weights in,
+        so different formulas with the same order (abs(W), sqrt(W), tanh(abs(W)) …) measure
+        exactly the same perplexity; left alone, such clones fill the population and end the
+        search's diversity. An offspring whose fitness equals a hall-of-fame member's or a
+        smaller offspring's gets the worst fitness for selection (the cache keeps the true one)."""
+        seen = {h.fitness.values for h in self.hof}
+        for ind in sorted(offspring, key=len):  # stable: the smallest of equals keeps its fitness
+            values = ind.fitness.values
+            if values[1] >= WORST_FITNESS:
+                continue
+            if values in seen:
+                ind.fitness.values = (values[0], WORST_FITNESS)
+                self._clones += 1
+            else:
+                seen.add(values)
+
     def _record(self, wall_s: float) -> dict:
         best = self.hof[0]
         perplexities = [ind.fitness.values[1] for ind in self.population]
@@ -161,10 +181,11 @@ class Engine:
             "unique": len({ind.key for ind in self.population}),
             "offspring": self._offspring,
             "rejected": self._rejected,
+            "clones": self._clones,
             **self.extra_stats(),
             "wall_seconds": wall_s,
         }
-        self._rejected = self._offspring = 0
+        self._rejected = self._offspring = self._clones = 0
         self.logbook.record(**record)
         return record
 

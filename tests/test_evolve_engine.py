@@ -45,3 +45,24 @@ def test_generations_keep_elites_and_a_hall_of_fame_without_duplicate_keys():
     assert len(keys) == len(set(keys)) == search.hall_of_fame
     assert record["best_fitness"] == min(i.fitness.values[1] for i in engine.hof)
     assert len(engine.logbook) == search.generations + 1
+
+
+def same_masks(candidates):
+    """Stub fitness of a rank-based pruner: every metric monotone in |W| measures the same."""
+    return [Measured(8, FitnessResult(k, 50.0 if "X" in f else 300.0, "ok")) for k, f in candidates]
+
+
+def test_phenotypic_clones_lose_their_fitness_for_selection():
+    pset = primitive_set()
+    for penalty in (True, False):
+        engine = Engine(SearchConfig(clone_penalty=penalty), same_masks)
+        offspring = [engine._oos(from_string(f, pset)) for f in
+                     ("sqrt(W)", "abs(W)", "tanh(abs(W))", "mul(abs(W), sqrt(X))", "mul(W, X)")]
+        engine._evaluate(offspring)
+        engine._penalise_clones(offspring) if penalty else None
+        fitness = [i.fitness.values[1] for i in offspring]
+        if penalty:  # the smallest (then first) of each group of equals keeps its fitness
+            assert fitness == [300.0, WORST_FITNESS, WORST_FITNESS, WORST_FITNESS, 50.0]
+            assert engine._clones == 3
+        else:
+            assert fitness == [300.0, 300.0, 300.0, 50.0, 50.0]
