@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import asdict
-from importlib.metadata import version
+from prunerzero import __version__
 from pathlib import Path
 
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
@@ -62,7 +62,7 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
                 "sparsity": round(target.expected_sparsity, 6), "pattern": target.pattern, "group": target.group,
                 "perplexity": ppl.perplexity, "dense_perplexity": dense.perplexity,
                 "achieved_sparsity": report.sparsity, "calib_tokens": int(ev.calibration.numel()),
-                "eval_tokens": ppl.tokens, "seed": protocol.seed, "version": version("prunerzero"),
+                "eval_tokens": ppl.tokens, "seed": protocol.seed, "version": __version__,
                 "device": _device_name(ev), "seconds": round(time.perf_counter() - t0, 2),
                 "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
