@@ -160,12 +160,13 @@ def leaderboard_cmd(
 def print_table(df) -> None:
     table = Table(title="prunerzero leaderboard")
     cols = ["metric", "model", "corpus", "split", "pattern", "sparsity", "perplexity", "dense_perplexity",
-            "achieved_sparsity", "eval_tokens", "device"]
+            "achieved_sparsity", "eval_tokens"]
     for c in cols:
-        table.add_column(c, justify="right" if c not in ("metric", "model", "corpus", "device") else "left")
+        table.add_column(c.replace("_", " "), justify="left" if c in ("metric", "model", "corpus") else "right",
+                         overflow="fold")
     for _, r in df.iterrows():
         table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
 
 
 app.add_typer(evolve_app)  # no name: `evolve` and `export` join the top level

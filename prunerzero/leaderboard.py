@@ -77,24 +77,29 @@ def best(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     return df.loc[df.groupby(by, dropna=False)["perplexity"].idxmin()].reset_index(drop=True)
 
 
+def _label(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def plot(df: pd.DataFrame, path: Path) -> None:
-    """A bar chart of perplexity per metric, one panel per (pattern, sparsity), dense as a line."""
+    """Horizontal bars of perplexity per metric, one panel per (pattern, sparsity), dense dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     settings = list(df.groupby(["pattern", "sparsity"], sort=True))
-    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(4.5 * max(len(settings), 1), 3.6), squeeze=False)
+    rows_max = max((len(rows) for _, rows in settings), default=1)
+    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(6.5 * max(len(settings), 1), 0.9 + 0.32 * rows_max),
+                             squeeze=False)
     for ax, ((pattern, sparsity), rows) in zip(axes[0], settings):
-        rows = rows.sort_values("perplexity")
-        ax.bar(rows["metric"], rows["perplexity"], color="tab:blue")
-        ax.axhline(rows["dense_perplexity"].iloc[0], color="black", linestyle="--", label="dense")
-        ax.set_yscale("log")
+        rows = rows.sort_values("perplexity", ascending=False)
+        ax.barh([_label(m) for m in rows["metric"]], rows["perplexity"], color="tab:blue")
+        ax.axvline(rows["dense_perplexity"].iloc[0], color="black", linestyle="--", label="dense")
+        ax.set_xscale("log")
         ax.set_title(f"{pattern}, sparsity {sparsity:g}")
-        ax.set_ylabel("perplexity")
-        ax.tick_params(axis="x", rotation=45)
-        ax.legend()
+        ax.set_xlabel("perplexity (lower is better)")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
