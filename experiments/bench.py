@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -163,18 +162,26 @@ def peak_memory(spec: EvalSpec) -> dict:
 
 
 def _phase_peak(phase: str, spec: EvalSpec) -> float:
-    """MiB at peak for: loading the model; + collecting W, G, X statistics (no cache); + one evaluation."""
+    """MiB at the peak of one phase: loading an evaluator (model, corpus, dense snapshot);
+    collecting W, G, X statistics on it (no cache); one evaluation. CPU: the peak resident set
+    (VmHWM, reset before the phase through /proc/self/clear_refs); GPU: max allocated."""
     gpu = torch.cuda.is_available()
     ev = Evaluator(spec)
-    if phase == "stats":
-        from prunerzero.primitives.stats import collect_stats
+    if phase != "load":
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS to the current RSS
+        if phase == "stats":
+            from prunerzero.primitives.stats import collect_stats
 
-        collect_stats(ev.model, ev.adapter, ev.calibration, need_g=True)
-    if phase == "evaluator":
-        ev.evaluate(resolve_metric("pruner-zero"))
+            collect_stats(ev.model, ev.adapter, ev.calibration, need_g=True)
+        else:
+            ev.evaluate(resolve_metric("pruner-zero"))
     if gpu:
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) / 1024
 
 
 # ------------------------------------------------------------------ report
@@ -231,10 +238,12 @@ def report(args, spec, ev, costs, scaling, search, memory) -> str:
               f"{search['evaluated']} | **{search['spared']:.1%}** |", "",
               f"Best: `{search['best']}`. Target: OOS + de-duplication + cache avoid >= 30% of evaluations.", "",
               "## e. Peak memory", "",
-              f"Each phase in a fresh process; {'max GPU memory allocated' if torch.cuda.is_available() else 'max RSS'} in MiB; "
+              f"Each phase in a fresh process; {'max GPU memory allocated' if torch.cuda.is_available() else 'peak resident set (VmHWM, reset after loading)'} "
+              f"in MiB; the evaluator holds the model, a dense copy of the pruned weights and the corpus; "
               f"parameters alone: {model_mib:.0f} MiB.", "",
               "| phase | peak MiB | x parameters |", "|---|---:|---:|"]
-    for k, label in (("load", "model loaded"), ("stats", "statistics collection (W, G, X)"), ("evaluator", "one evaluator, one evaluation")):
+    for k, label in (("load", "loading an evaluator"), ("stats", "statistics collection (W, G, X)"),
+                     ("evaluator", "one evaluation")):
         lines.append(f"| {label} | {memory[k]:.0f} | {memory[k] / model_mib:.2f} |")
     return "\n".join(lines) + "\n"
 
