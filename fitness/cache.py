@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import astuple, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from prunerzero.fitness.evaluator import FitnessResult
 from prunerzero.paths import cache_dir
 
+_INIT_TRIES = 50
 CACHEABLE = ("ok", "failed")  # statuses a retry would reproduce; "lost" (infrastructure) is not
 _COLUMNS = [f.name for f in fields(FitnessResult)]
 _SCHEMA = f"""
@@ -43,9 +45,18 @@ class FitnessCache:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+        for attempt in range(_INIT_TRIES):
+            try:
+                with self._connect() as db:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(_SCHEMA)
+                break
+            except sqlite3.OperationalError as e:
+                # switching to WAL needs the file to itself and SQLite answers "locked" at once,
+                # without the busy timeout, when another process is opening it at that moment
+                if "locked" not in str(e) or attempt == _INIT_TRIES - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
 
     @contextmanager
     def _connect(self):
