@@ -171,7 +171,9 @@ class Engine:
 
     def _record(self, wall_s: float) -> dict:
         best = self.hof[0]
-        perplexities = [ind.fitness.values[1] for ind in self.population]
+        # the median of what was measured: penalised clones and rejects would make it meaningless
+        perplexities = [v for v in (ind.fitness.values[1] for ind in self.population) if v < WORST_FITNESS] \
+            or [WORST_FITNESS]
         record = {
             "generation": self.generation,
             "best_fitness": best.fitness.values[1],
