@@ -93,6 +93,7 @@ class Evaluator:
         self.snapshot = DenseSnapshot(self.units)
         self._stats = None
         self.target = _target(spec)
+        self._check(self.target)  # a pattern that does not fit fails here, not per candidate
         if needs:
             self.stats(needs)
 
@@ -123,11 +124,12 @@ class Evaluator:
         """Prune in place with a metric (one-shot or sequential statistics, per the protocol) or
         a named method such as "sparsegpt"."""
         from prunerzero.pruning.apply import prune_with_metric, prune_with_metric_sequential
-        from prunerzero.pruning.masks import check_pattern_fits
         from prunerzero.pruning.methods import resolve_method
 
-        target = target or self.target
-        check_pattern_fits({u.name: u.shape for u in self.units}, target.nm)  # before any calibration
+        if target is None:
+            target = self.target  # checked once, in the constructor
+        else:
+            self._check(target)  # before any calibration
         method = resolve_method(metric)
         if method is not None:
             return method(self.model, self.adapter, self.calibration, target)
@@ -135,6 +137,11 @@ class Evaluator:
         if self.spec.protocol.stats_mode == "sequential":
             return prune_with_metric_sequential(self.model, self.adapter, self.calibration, metric, target, stats)
         return prune_with_metric(self.units, stats, metric, target)
+
+    def _check(self, target) -> None:
+        from prunerzero.pruning.masks import check_pattern_fits
+
+        check_pattern_fits({u.name: u.shape for u in self.units}, target.nm)
 
     def restore(self) -> None:
         self.snapshot.restore()

@@ -51,7 +51,7 @@ def prune_with_metric(units, stats, metric, target: PruneTarget) -> PruneReport:
     for unit in units:
         mask = select_mask(unit_scores(metric, unit, stats), target.sparsity, target.nm, target.group, unit.name)
         unit.weight.masked_fill_(mask, 0)
-        report.add(unit, int((unit.weight == 0).sum()))
+    report.add_units(units)
     report.seconds = time.perf_counter() - t0
     return report
 

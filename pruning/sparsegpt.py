@@ -94,14 +94,15 @@ def prune_sparsegpt(model, adapter, windows: torch.Tensor, target: PruneTarget, 
         acc = HessianAccumulator()
         with adapter.capture(acc, blocks=[i]):
             run_block()
-        for unit in adapter.block_units(i):
+        units = adapter.block_units(i)
+        for unit in units:
             if unit.tap not in acc.xtx:  # an expert no calibration token reached: nothing to fit
                 W = unit.weight.float().clone()
                 W.masked_fill_(select_mask(W.abs(), target.sparsity, target.nm, "row"), 0)
             else:
                 W = sparsegpt_unit(unit.weight, acc.hessian(unit.tap), target, blocksize, percdamp)
             unit.weight.copy_(W.to(unit.weight.dtype))
-            report.add(unit, int((unit.weight == 0).sum()))
+        report.add_units(units)
 
     run_sequential(model, adapter, windows, process_block, batch_size, progress)
     report.seconds = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pandas as pd
+import torch
 
 from prunerzero.protocol import check_sparsity, parse_pattern
 
@@ -47,6 +48,14 @@ class PruneReport:
     def add(self, unit, zeros: int) -> None:
         self.rows.append({"name": unit.name, "block": unit.block, "role": unit.role, "expert": unit.expert,
                           "numel": unit.weight.numel(), "zeros": int(zeros)})
+
+    def add_units(self, units) -> None:
+        """Record each unit's zeros as they are now, with one device→host transfer for all of
+        them (not one synchronisation per unit on the per-candidate path)."""
+        units = list(units)
+        if units:
+            for unit, zeros in zip(units, torch.stack([(u.weight == 0).sum() for u in units]).tolist()):
+                self.add(unit, zeros)
 
     @property
     def sparsity(self) -> float:
