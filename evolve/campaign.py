@@ -36,10 +36,11 @@ from .engine import Engine
 from .evaluation import FitnessMap
 
 HISTORY_COLUMNS = ["generation", "best_fitness", "median_fitness", "best_formula", "best_key", "unique",
-                   "offspring", "evaluations", "cache_hits", "cache_hit_rate", "rejected", "clones", "failed", "eval_windows",
+                   "offspring", "evaluations", "cache_hits", "cache_hit_rate", "phenotype_hits", "rejected", "clones", "failed", "eval_windows",
                    "eval_seconds", "wall_seconds"]
 HOF_COLUMNS = ["rank", "fitness", "windows", "formula", "key", "generation", "size", "depth"]
-EVAL_COLUMNS = ["generation", "key", "formula", "windows", "perplexity", "status", "reason", "seconds", "cached"]
+EVAL_COLUMNS = ["generation", "key", "formula", "windows", "perplexity", "status", "reason", "seconds", "cached",
+                "same_masks"]
 CHECKPOINT = "checkpoint.pkl"
 
 
@@ -133,9 +134,10 @@ def _run(config: CampaignConfig, run_dir: Path, state: dict | None, backend: Bac
 
 def _fitness_stats(fitness: FitnessMap) -> dict:
     s = fitness.take_stats()
-    looked_up = s["cache_hits"] + s["evaluations"]
+    looked_up = s["cache_hits"] + s["evaluations"] + s["phenotype_hits"]
     return {"evaluations": s["evaluations"], "cache_hits": s["cache_hits"],
-            "cache_hit_rate": s["cache_hits"] / looked_up if looked_up else 0.0, "failed": s["failed"],
+            "cache_hit_rate": s["cache_hits"] / looked_up if looked_up else 0.0,
+            "phenotype_hits": s["phenotype_hits"], "failed": s["failed"],
             "eval_windows": s["windows"], "eval_seconds": s["eval_seconds"]}
 
 
@@ -143,7 +145,7 @@ def progress_line(r: dict, generations: int) -> str:
     rate = r["evaluations"] / r["wall_seconds"] if r["wall_seconds"] > 0 else 0.0
     return (f"gen {r['generation']:>3}/{generations}  best [bold green]{r['best_fitness']:.4g}[/] "
             f"{r['best_formula']}  | median {r['median_fitness']:.4g}  {r['evaluations']} evals "
-            f"{rate:.2f}/s  cache {r['cache_hit_rate']:.0%}  rejected {r['rejected']}  "
+            f"{rate:.2f}/s  cache {r['cache_hit_rate']:.0%}  same masks {r['phenotype_hits']}  rejected {r['rejected']}  "
             f"unique {r['unique']}  {r['wall_seconds']:.1f}s")
 
 
@@ -182,7 +184,7 @@ def _append_evaluations(run_dir: Path, generation: int, log: list) -> None:
         for key, formula, m in log:
             r = m.result
             writer.writerow([generation, key, formula, m.windows, r.perplexity, r.status, r.reason,
-                             f"{r.seconds:.3f}", int(m.cached)])
+                             f"{r.seconds:.3f}", int(m.cached), int(not m.cached and not r.measured)])
 
 
 def _truncate_evaluations(run_dir: Path, generation: int) -> None:

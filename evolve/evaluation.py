@@ -7,6 +7,10 @@ all. With `rungs > 1`, candidates not yet known on the full budget are first mea
 `full / eta^(rungs-1)` windows; the best `1/eta` (ties broken by key: deterministic) go on to
 `eta` times more windows, and so on up to the full budget. A candidate eliminated early keeps
 its measurement with its (smaller) window count: the engine ranks full-budget candidates first.
+
+Below the cache, the backend skips the forward of a candidate whose masks were measured before
+(in this campaign or any other sharing the cache: `FitnessCache.phenotypes`); those count as
+`phenotype_hits`, not `evaluations`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class FitnessMap:
         self.full_windows = full_windows
         self.budgets = [max(1, full_windows // eta ** (rungs - 1 - r)) for r in range(rungs)]
         self.eta = eta
-        self.stats: Counter = Counter()  # evaluations, cache_hits, windows, eval_seconds, failed
+        self.stats: Counter = Counter()  # evaluations, cache_hits, phenotype_hits, windows, eval_seconds, failed
+        self._phenotypes: dict[int, dict[str, float]] = {}  # windows -> mask fingerprint -> perplexity
         self.log: list[tuple[str, str, Measured]] = []  # (key, formula, measurement) per measurement
 
     def take_stats(self) -> Counter:
@@ -73,17 +78,28 @@ class FitnessMap:
         out = self._lookup(keys, windows) if windows != self.full_windows else {}
         todo = [k for k in keys if k not in out]
         max_windows = None if windows == self.full_windows else windows
-        results = self.backend.map([Job(k, formulas[k], max_windows) for k in todo])
+        results = self.backend.map([Job(k, formulas[k], max_windows) for k in todo], self._known(windows))
         if self.cache is not None:
             self.cache.put_many(results, self.spec_key, windows)
         for k, r in zip(todo, results):
             out[k] = Measured(windows, r)
+            if not r.measured:
+                self.stats["phenotype_hits"] += 1
+                self.stats["eval_seconds"] += r.seconds
+                continue
             self.stats["evaluations"] += 1
             self.stats["windows"] += windows
             self.stats["eval_seconds"] += r.seconds
             self.stats["failed"] += r.status != "ok"
         self._record(out, formulas)
         return out
+
+    def _known(self, windows: int) -> dict[str, float]:
+        """The phenotypes measured on this budget (the backend adds new ones as they come)."""
+        if windows not in self._phenotypes:
+            cached = self.cache.phenotypes(self.spec_key, windows) if self.cache is not None else {}
+            self._phenotypes[windows] = cached
+        return self._phenotypes[windows]
 
     def _record(self, measured: dict[str, Measured], formulas: dict[str, str]) -> None:
         self.log.extend((k, formulas[k], m) for k, m in measured.items())

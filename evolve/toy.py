@@ -2,13 +2,14 @@
 without a model: one random linear layer whose inputs have outlier channels (as an LLM's do),
 pruned with the candidate metric; the "perplexity" grows with the relative output error.
 
-It has the real Evaluator's interface (`ToyEvaluator(spec)`, `.evaluate(metric, max_windows)`,
+It has the real Evaluator's interface (`ToyEvaluator(spec)`, `.evaluate(metric, max_windows, known)`,
 never raises), so a campaign runs on it unchanged: `EvalSpec.model = "toy"` selects it. It lives
 in the package (not in tests/) so that Ray workers can import it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -18,6 +19,7 @@ import torch
 
 from prunerzero.fitness.evaluator import EvalSpec, FitnessResult
 from prunerzero.protocol import parse_pattern
+from prunerzero.pruning.masks import packed_bits
 
 ROWS_PER_WINDOW = 4
 
@@ -39,7 +41,7 @@ class ToyEvaluator:
         self.X = calib.pow(2).mean(0)
         self.G = (calib @ self.W.T).abs().mean(0, keepdim=True).T * calib.abs().mean(0) + 1e-6
 
-    def evaluate(self, metric, max_windows: int | None = None) -> FitnessResult:
+    def evaluate(self, metric, max_windows: int | None = None, known=None) -> FitnessResult:
         self._maybe_crash()
         time.sleep(self.delay_s)
         start = time.perf_counter()
@@ -50,11 +52,15 @@ class ToyEvaluator:
             if not torch.isfinite(scores).all():
                 raise ValueError("non-finite scores")
             mask = self._mask(scores)
+            phenotype = hashlib.blake2b(packed_bits(mask), digest_size=16).hexdigest()
+            if known and phenotype in known:
+                return FitnessResult(metric.key, known[phenotype], "ok", "", time.perf_counter() - start,
+                                     inputs.shape[0], 1.0 - float(mask.float().mean()), phenotype, False)
             dense, pruned = inputs @ self.W.T, inputs @ (self.W * mask).T
             error = float((dense - pruned).pow(2).sum() / dense.pow(2).sum())
             ppl = 10.0 * math.exp(5.0 * error)
             return FitnessResult(metric.key, ppl, "ok", "", time.perf_counter() - start,
-                                 inputs.shape[0], 1.0 - float(mask.float().mean()))
+                                 inputs.shape[0], 1.0 - float(mask.float().mean()), phenotype)
         except Exception as e:  # the evaluator's contract: a failure is data, never raised
             return FitnessResult(metric.key, math.nan, "failed", f"{type(e).__name__}: {e}",
                                  time.perf_counter() - start, 0)

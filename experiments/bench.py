@@ -139,9 +139,11 @@ def search_efficiency(size: dict, spec: EvalSpec) -> dict:
     generated = int(h["offspring"].sum() + h["rejected"].sum())  # every tree made, degenerate ones included
     evaluated = int(h["evaluations"].sum())
     cache_hits = int(h["cache_hits"].sum())
+    same_masks = int(h["phenotype_hits"].sum())  # masks computed, forward skipped
     return {"evaluator": "toy (synthetic)" if size["toy"] else "real perplexity", "generations": size["generations"],
             "population": size["population"], "generated": generated, "rejected_by_oos": int(h["rejected"].sum()),
-            "duplicates": int(h["offspring"].sum()) - evaluated - cache_hits, "cache_hits": cache_hits,
+            "duplicates": int(h["offspring"].sum()) - evaluated - cache_hits - same_masks, "cache_hits": cache_hits,
+            "same_masks": same_masks,
             "evaluated": evaluated, "spared": 1 - evaluated / max(generated, 1),
             "best": f"{h['best_formula'].iloc[-1]} ({h['best_fitness'].iloc[-1]:.3f})"}
 
@@ -232,10 +234,11 @@ def report(args, spec, ev, costs, scaling, search, memory) -> str:
               "## d. Search efficiency", "",
               f"A {search['generations']}-generation campaign, population {search['population']}, evaluator: {search['evaluator']}, "
               "fresh fitness cache.", "",
-              "| trees generated | rejected by OOS | duplicates after OOS | cache hits | evaluated | spared |",
-              "|---:|---:|---:|---:|---:|---:|",
+              "| trees generated | rejected by OOS | duplicates after OOS | cache hits | same masks as one measured | evaluated | spared |",
+              "|---:|---:|---:|---:|---:|---:|---:|",
               f"| {search['generated']} | {search['rejected_by_oos']} | {search['duplicates']} | {search['cache_hits']} | "
-              f"{search['evaluated']} | **{search['spared']:.1%}** |", "",
+              f"{search['same_masks']} | {search['evaluated']} | **{search['spared']:.1%}** |", "",
+              "'Same masks': candidates whose masks match an evaluated one's (computing the masks, skipping the forward). "
               f"Best: `{search['best']}`. Target: OOS + de-duplication + cache avoid >= 30% of evaluations.", "",
               "## e. Peak memory", "",
               f"Each phase in a fresh process; {'max GPU memory allocated' if torch.cuda.is_available() else 'peak resident set (VmHWM, reset after loading)'} "

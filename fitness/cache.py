@@ -5,7 +5,9 @@ busy timeout waits for a writer's lock instead of failing). A row is keyed by th
 canonical key, the evaluation spec's `cache_key()` (model, corpus, protocol, sparsity, pattern,
 group, split, dtype) and the number of evaluation windows (successive halving measures the same
 candidate on smaller budgets). Only deterministic outcomes are stored — a success, or a failure
-of the metric itself — never a lost worker, which a later run may well evaluate.
+of the metric itself — never a lost worker, which a later run may well evaluate. Each result
+keeps its masks' fingerprint, so `phenotypes` tells a new campaign which pruned models are
+already measured, whatever formulas produced them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import astuple, fields
+from dataclasses import astuple, fields, replace
 from pathlib import Path
 
 from prunerzero.fitness.evaluator import FitnessResult
@@ -30,9 +32,13 @@ CREATE TABLE IF NOT EXISTS fitness (
 )"""
 
 
+_TYPES = {"phenotype": "TEXT NOT NULL DEFAULT ''", "measured": "INTEGER NOT NULL DEFAULT 1"}
+
+
 def _result(row: tuple) -> FitnessResult:
-    # SQLite stores NaN as NULL: a failed result's perplexity and sparsity come back as None
-    return FitnessResult(*(math.nan if v is None else v for v in row))
+    # SQLite stores NaN as NULL (a failed result's perplexity and sparsity) and bools as 0/1
+    r = FitnessResult(*(math.nan if v is None else v for v in row))
+    return replace(r, measured=bool(r.measured))
 
 
 def default_cache_path() -> Path:
@@ -50,6 +56,7 @@ class FitnessCache:
                 with self._connect() as db:
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute(_SCHEMA)
+                    _add_missing_columns(db)
                 break
             except sqlite3.OperationalError as e:
                 # switching to WAL needs the file to itself and SQLite answers "locked" at once,
@@ -91,6 +98,21 @@ class FitnessCache:
                 f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", rows)
             return db.total_changes - before
 
+    def phenotypes(self, spec: str, windows: int) -> dict[str, float]:
+        """Mask fingerprint → perplexity of every successful measurement on this budget."""
+        with self._connect() as db:
+            rows = db.execute("SELECT phenotype, perplexity FROM fitness WHERE spec = ? AND windows = ? "
+                              "AND status = 'ok' AND phenotype != ''", (spec, windows)).fetchall()
+        return dict(rows)
+
     def __len__(self) -> int:
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM fitness").fetchone()[0]
+
+
+def _add_missing_columns(db) -> None:
+    """Bring a cache written by an earlier version up to the current columns."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(fitness)")}
+    for column in _COLUMNS:
+        if column not in have:
+            db.execute(f"ALTER TABLE fitness ADD COLUMN {column} {_TYPES[column]}")

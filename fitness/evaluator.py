@@ -4,6 +4,12 @@ perplexity of the model after pruning with them.
 `evaluate` is idempotent — prune, measure, restore the dense weights — so a Ray retry that runs
 it twice gives the same answer, and a failure is returned as data (status, reason, worst
 fitness), never raised into a campaign.
+
+Phenotypes. Pruning depends only on which weights a metric cuts, and many formulas cut the same
+ones (abs(W), sqr(W), log(abs(W)) …). Every result carries its masks' fingerprint; given the
+fingerprints already measured (`known`), `evaluate` answers a candidate whose masks match one of
+them without the perplexity forward — exactly the value that forward would give, at the cost of
+scores and masks alone.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from prunerzero.protocol import Protocol, check_sparsity, parse_pattern
@@ -57,6 +64,8 @@ class FitnessResult:
     seconds: float = 0.0
     eval_tokens: int = 0
     sparsity: float = float("nan")  # achieved
+    phenotype: str = ""  # fingerprint of the masks ("" when not a metric's pruning)
+    measured: bool = True  # False: perplexity taken from an earlier candidate with the same masks
 
     @property
     def fitness(self) -> float:
@@ -152,18 +161,25 @@ class Evaluator:
         windows = self.windows if max_windows is None else self.windows[:max_windows]
         return perplexity(self.model, windows)
 
-    def evaluate(self, metric, max_windows: int | None = None) -> FitnessResult:
+    def evaluate(self, metric, max_windows: int | None = None,
+                 known: Mapping[str, float] | None = None) -> FitnessResult:
         """Perplexity after pruning with `metric`; the dense weights are restored afterwards.
+        `known`: mask fingerprint → perplexity on this budget; a match skips the forward.
         Never raises: a failure is a result with status "failed" and the reason."""
         t0 = time.perf_counter()
         key = getattr(metric, "key", str(metric))
         try:
             report = self.prune(metric)
+            phenotype = getattr(report, "fingerprint", "")
+            if known and phenotype in known:
+                tokens = self.windows[:max_windows, 1:].numel()
+                return FitnessResult(key, known[phenotype], "ok", "", time.perf_counter() - t0, tokens,
+                                     report.sparsity, phenotype, measured=False)
             ppl = self.measure(max_windows)
             status = "ok" if math.isfinite(ppl.perplexity) else "failed"
             reason = "" if status == "ok" else "non-finite perplexity"
             return FitnessResult(key, ppl.perplexity, status, reason, time.perf_counter() - t0, ppl.tokens,
-                                 report.sparsity)
+                                 report.sparsity, phenotype)
         except Exception as e:  # a candidate must never crash a campaign
             return FitnessResult(key, math.inf, "failed", f"{type(e).__name__}: {e}", time.perf_counter() - t0)
         finally:

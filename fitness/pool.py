@@ -9,6 +9,10 @@
   `retries` times, then recorded as lost with the reason.
 
 Evaluation is idempotent and deterministic, so both backends give identical results.
+
+`map(jobs, known)`: `known` maps mask fingerprints to perplexities on the jobs' budget; each job
+travels with what is known when it is dispatched, and every new result is added as it arrives,
+so a candidate that prunes like an earlier one of the same call skips its forward too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
@@ -35,8 +40,14 @@ class Job:
 
 
 class Backend(Protocol):
-    def map(self, jobs: list[Job]) -> list[FitnessResult]: ...
+    def map(self, jobs: list[Job], known: dict[str, float] | None = None) -> list[FitnessResult]: ...
     def close(self) -> None: ...
+
+
+def learn(known: dict[str, float] | None, result: FitnessResult) -> None:
+    """Remember a measured phenotype for the jobs dispatched after it."""
+    if known is not None and result.phenotype and result.status == "ok":
+        known.setdefault(result.phenotype, result.perplexity)
 
 
 def lost(job: Job, reason: str) -> FitnessResult:
@@ -53,10 +64,10 @@ class EvaluatorHost:
     def ping(self) -> bool:
         return True
 
-    def evaluate(self, job: Job) -> FitnessResult:
+    def evaluate(self, job: Job, known: Mapping[str, float] | None = None) -> FitnessResult:
         start = time.perf_counter()
         try:
-            result = self.evaluator.evaluate(Metric.from_expression(job.expression), job.max_windows)
+            result = self.evaluator.evaluate(Metric.from_expression(job.expression), job.max_windows, known)
         except Exception as e:  # the evaluator should never raise; if it does, it is data
             return FitnessResult(job.key, math.nan, "failed", f"{type(e).__name__}: {e}",
                                  time.perf_counter() - start)
@@ -68,10 +79,14 @@ class SerialBackend:
         self.factory = factory
         self._host: EvaluatorHost | None = None
 
-    def map(self, jobs: list[Job]) -> list[FitnessResult]:
+    def map(self, jobs: list[Job], known: dict[str, float] | None = None) -> list[FitnessResult]:
         if self._host is None and jobs:
             self._host = EvaluatorHost(self.factory)  # heavy: load on first use
-        return [self._host.evaluate(j) for j in jobs]
+        results = []
+        for job in jobs:
+            results.append(self._host.evaluate(job, known))
+            learn(known, results[-1])
+        return results
 
     def close(self) -> None:
         self._host = None
@@ -111,7 +126,7 @@ class RayBackend:
         self.actors[self.actors.index(actor)] = new
         return new
 
-    def map(self, jobs: list[Job]) -> list[FitnessResult]:
+    def map(self, jobs: list[Job], known: dict[str, float] | None = None) -> list[FitnessResult]:
         results: list[FitnessResult | None] = [None] * len(jobs)
         attempts = [0] * len(jobs)
         pending = deque(range(len(jobs)))
@@ -121,13 +136,14 @@ class RayBackend:
         while pending or running:
             while idle and pending:  # at most one evaluation in flight per actor
                 actor, i = idle.pop(), pending.popleft()
-                running[actor.evaluate.remote(jobs[i])] = (actor, i, time.monotonic())
+                running[actor.evaluate.remote(jobs[i], known)] = (actor, i, time.monotonic())
             done, _ = self.ray.wait(list(running), num_returns=1, timeout=self._wait_s(running))
             overdue |= self._kill_overdue(running, done)
             for ref in done:
                 actor, i, _ = running.pop(ref)
                 try:
                     results[i] = self.ray.get(ref)
+                    learn(known, results[i])
                     idle.append(actor)
                 except self.ray.exceptions.RayActorError as e:
                     idle.append(self._replace(actor))

@@ -40,19 +40,22 @@ def unit_scores(metric, unit, stats) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_with_metric(units, stats, metric, target: PruneTarget) -> PruneReport:
-    """Zero, in every unit, the weights the metric scores lowest within each comparison group."""
+def prune_with_metric(units, stats, metric, target: PruneTarget, report: PruneReport | None = None) -> PruneReport:
+    """Zero, in every unit, the weights the metric scores lowest within each comparison group.
+    With `report`, the units are added to it (sequential pruning's one report for all blocks)."""
     check_pattern_fits({u.name: u.shape for u in units}, target.nm)
     missing = [t for t in metric.needs if not stats.has(t)]
     if missing:
         raise ValueError(f"metric {metric.name!r} needs statistic(s) {missing} that were not collected")
     t0 = time.perf_counter()
-    report = PruneReport(target=target, method=getattr(metric, "name", str(metric)))
+    if report is None:
+        report = PruneReport(target=target, method=getattr(metric, "name", str(metric)))
     for unit in units:
         mask = select_mask(unit_scores(metric, unit, stats), target.sparsity, target.nm, target.group, unit.name)
         unit.weight.masked_fill_(mask, 0)
+        report.add_mask(unit.name, mask)
     report.add_units(units)
-    report.seconds = time.perf_counter() - t0
+    report.seconds += time.perf_counter() - t0
     return report
 
 
@@ -72,7 +75,7 @@ def prune_with_metric_sequential(model, adapter, windows: torch.Tensor, metric, 
             run_block()
         units = adapter.block_units(i)
         stats = LayerStats(X=x_for_units(units, acc), G=dense_stats.G if dense_stats else {})
-        report.rows += prune_with_metric(units, stats, metric, target).rows
+        prune_with_metric(units, stats, metric, target, report)
 
     check_pattern_fits({u.name: u.shape for u in adapter.prunable()}, target.nm)
     run_sequential(model, adapter, windows, process_block, batch_size)

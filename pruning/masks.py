@@ -7,6 +7,7 @@ would), so masks are deterministic on every backend.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GROUPS = ("row", "layer")
@@ -66,3 +67,20 @@ def check_pattern_fits(shapes: dict[str, torch.Size], nm: tuple[int, int] | None
             f"N:M pattern {nm[0]}:{nm[1]} does not divide the input width of {len(bad)} unit(s): "
             + ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         )
+
+
+
+def packed_bits(mask: torch.Tensor) -> bytes:
+    """A bool mask as bytes, eight weights to a byte (packed on the mask's device, so only an
+    eighth of it crosses to the host)."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return np.packbits(flat.numpy()).tobytes()
+    return pack_on_device(flat).cpu().numpy().tobytes()
+
+
+def pack_on_device(flat: torch.Tensor) -> torch.Tensor:
+    """`np.packbits` (big-endian bit order) of a flat bool tensor, computed where it lives."""
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return (flat * weights).sum(dim=1, dtype=torch.uint8)

@@ -43,22 +43,29 @@ class Interrupt(SerialBackend):
         super().__init__(factory)
         self.calls, self.at = 0, at
 
-    def map(self, jobs):
+    def map(self, jobs, known=None):
         self.calls += 1
         if self.calls == self.at:
-            super().map(jobs[: len(jobs) // 2])
+            super().map(jobs[: len(jobs) // 2], known)
             raise KeyboardInterrupt
-        return super().map(jobs)
+        return super().map(jobs, known)
 
 
 class NoisyRandom(SerialBackend):
     """A backend that uses (and reseeds) Python's global random, as third-party code may."""
 
-    def map(self, jobs):
+    def map(self, jobs, known=None):
         random.seed(12345)
         random.random()
         for j in jobs:
             assert simplify(parse(j.expression)).ok  # rejected individuals never reach a backend
+        return super().map(jobs, known)
+
+
+class Forgetful(SerialBackend):
+    """Measures every candidate with a forward, whatever is known."""
+
+    def map(self, jobs, known=None):
         return super().map(jobs)
 
 
@@ -82,10 +89,25 @@ def test_run_directory_files_and_progress(straight):
     assert best == sorted(best, reverse=True)  # elitism: the best never gets worse
     measured = _rows(run_dir / "evaluations.csv")
     assert list(measured[0]) == EVAL_COLUMNS
-    assert sum(int(r["evaluations"]) for r in history) == sum(r["cached"] == "0" for r in measured)
+    forwards = [r for r in measured if r["cached"] == "0" and r["same_masks"] == "0"]
+    assert sum(int(r["evaluations"]) for r in history) == len(forwards)
     assert sum(int(r["cache_hits"]) for r in history) == sum(r["cached"] == "1" for r in measured)
+    assert sum(int(r["phenotype_hits"]) for r in history) == sum(r["same_masks"] == "1" for r in measured) > 0
     assert len(_rows(run_dir / "hall_of_fame.csv")) == cfg.search.hall_of_fame
     assert printed.count("gen ") == cfg.search.generations + 1 and "evals" in printed and "cache" in printed
+
+
+def test_candidates_with_measured_masks_get_exactly_the_measured_perplexity(straight, tmp_path):
+    """A same-masks answer is the perplexity a forward would give: the campaign without the
+    phenotype shortcut ends identically."""
+    cfg, run_dir, _ = straight
+    measured = _rows(run_dir / "evaluations.csv")
+    forwards = {r["perplexity"] for r in measured if r["same_masks"] == "0"}
+    assert all(r["perplexity"] in forwards for r in measured if r["same_masks"] == "1")
+    blind = run_campaign(toy_config(tmp_path, search={"generations": 4}), backend=Forgetful(
+        evaluator_factory(cfg.eval_spec())), console=QUIET)
+    assert _hof(blind) == _hof(run_dir) and _search_trace(blind) == _search_trace(run_dir)
+    assert all(r["same_masks"] == "0" for r in _rows(blind / "evaluations.csv"))
 
 
 def test_same_seed_same_campaign_whatever_the_backend_does_with_random(straight, tmp_path):
@@ -126,7 +148,7 @@ class Recording:
     def __init__(self, results=None):
         self.jobs, self.results = [], results or {}
 
-    def map(self, jobs):
+    def map(self, jobs, known=None):
         self.jobs.extend(jobs)
         return [self.results.get(j.expression, FitnessResult(j.key, 10.0 + len(j.expression) / (j.max_windows or 8),
                                                               "ok")) for j in jobs]

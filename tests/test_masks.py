@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from prunerzero.models.adapter import ModelAdapter
-from prunerzero.primitives.metric import builtin
+from prunerzero.primitives.metric import Metric, builtin
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.apply import DenseSnapshot, prune_with_metric
-from prunerzero.pruning.masks import PatternError, check_pattern_fits, nm_mask, select_mask
+from prunerzero.pruning.apply import prune_with_metric_sequential
+from prunerzero.pruning.masks import PatternError, check_pattern_fits, nm_mask, pack_on_device, packed_bits, select_mask
 from prunerzero.pruning.target import PruneReport, PruneTarget
 
 
@@ -205,3 +206,49 @@ def test_report_counts_zeros_per_unit_and_in_total():
     assert report.sparsity == pytest.approx(80 / 400)
     assert report.table()["sparsity"].tolist() == [0.5, 0.1]
     assert PruneReport(target, "empty").sparsity == 0.0
+
+
+# ---------------------------------------------------------------- phenotype fingerprints
+@pytest.mark.parametrize("numel", [1, 8, 13, 1000])
+def test_device_bit_packing_equals_numpy_packbits(numel):
+    flat = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5
+    assert pack_on_device(flat).numpy().tobytes() == np.packbits(flat.numpy()).tobytes() == packed_bits(flat)
+
+
+def _fingerprint(masks: dict[str, torch.Tensor]) -> str:
+    report = PruneReport(PruneTarget(), "test")
+    for name, mask in masks.items():
+        report.add_mask(name, mask)
+    return report.fingerprint
+
+
+def test_fingerprint_tells_masks_apart_by_any_bit_by_shape_and_by_unit():
+    mask = torch.rand(6, 16, generator=torch.Generator().manual_seed(0)) > 0.5
+    flipped = mask.clone()
+    flipped[5, 15] = ~flipped[5, 15]
+    same = _fingerprint({"a": mask.clone()})
+    assert _fingerprint({"a": mask}) == same
+    assert _fingerprint({"a": flipped}) != same
+    assert _fingerprint({"a": mask.reshape(16, 6)}) != same
+    assert _fingerprint({"b": mask}) != same
+    assert PruneReport(PruneTarget(), "sparsegpt").fingerprint == ""  # no masks recorded: no phenotype
+
+
+def test_rank_equivalent_metrics_share_a_fingerprint_and_others_do_not(pruned_setup):
+    model, adapter, stats = pruned_setup
+    units = adapter.prunable()
+    snapshot = DenseSnapshot(units)
+    prints = {}
+    for expression in ("abs(W)", "sqr(W)", "log(abs(W))", "mul(abs(W), sqrt(X))"):
+        prints[expression] = prune_with_metric(units, stats, Metric.from_expression(expression), PruneTarget()).fingerprint
+        snapshot.restore()
+    assert prints["abs(W)"] == prints["sqr(W)"] == prints["log(abs(W))"]
+    assert prints["mul(abs(W), sqrt(X))"] != prints["abs(W)"]
+
+
+def test_sequential_pruning_fingerprints_every_block(pruned_setup, tiny_windows):
+    model, adapter, stats = pruned_setup
+    snapshot = DenseSnapshot(adapter.prunable())
+    report = prune_with_metric_sequential(model, adapter, tiny_windows, builtin("wanda"), PruneTarget(), stats)
+    snapshot.restore()
+    assert report.fingerprint and report._masked_units == len(adapter.prunable())

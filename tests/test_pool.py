@@ -32,6 +32,38 @@ def test_cache_round_trips_results_and_skips_lost_ones(tmp_path):
     assert cache.put_many([FitnessResult("Abs(W)", 99.0, "ok")], "spec", 8) == 0  # first writer wins
 
 
+def test_cache_serves_phenotypes_and_upgrades_an_older_file(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the schema before results carried mask fingerprints
+        db.execute("CREATE TABLE fitness (spec TEXT NOT NULL, windows INTEGER NOT NULL, key, perplexity, status, "
+                   "reason, seconds, eval_tokens, sparsity, PRIMARY KEY (key, spec, windows))")
+        db.execute("INSERT INTO fitness VALUES ('spec', 8, 'W', 40.0, 'ok', '', 1.0, 100, 0.5)")
+    cache = FitnessCache(path)
+    old = cache.get_many(["W"], "spec", 8)["W"]
+    assert old.phenotype == "" and old.measured is True and old.perplexity == 40.0
+    cache.put_many([FitnessResult("Abs(W)", 12.5, "ok", "", 1.5, 1024, 0.5, "f00d"),
+                    FitnessResult("W**2", 12.5, "ok", "", 0.1, 1024, 0.5, "f00d", measured=False),
+                    FitnessResult("X", math.nan, "failed", "non-finite perplexity", phenotype="beef")], "spec", 8)
+    assert cache.phenotypes("spec", 8) == {"f00d": 12.5}  # failures and unfingerprinted rows stay out
+    assert cache.get_many(["W**2"], "spec", 8)["W**2"].measured is False
+    assert cache.phenotypes("spec", 4) == {} == cache.phenotypes("other", 8)
+
+
+def test_backends_skip_the_forward_of_masks_already_measured():
+    spec = toy_config("/tmp").eval_spec()
+    jobs = [Job("Abs(W)", "abs(W)"), Job("W**2", "sqr(W)"), Job("X*Abs(W)", "mul(abs(W), X)"), Job("log(Abs(W))", "log(abs(W))")]
+    known: dict[str, float] = {}
+    results = SerialBackend(partial(ToyEvaluator, spec)).map(jobs, known)
+    assert [r.measured for r in results] == [True, False, True, False]
+    assert results[1].perplexity == results[3].perplexity == results[0].perplexity
+    assert results[0].phenotype == results[1].phenotype != results[2].phenotype
+    assert known == {results[0].phenotype: results[0].perplexity, results[2].phenotype: results[2].perplexity}
+    again = SerialBackend(partial(ToyEvaluator, spec)).map(jobs[1:2])  # nothing known: measured
+    assert again[0].measured and again[0].perplexity == results[0].perplexity
+
+
 def test_cache_is_safe_for_concurrent_writers(tmp_path):
     path = tmp_path / "c.sqlite"
 
@@ -55,7 +87,7 @@ def test_serial_backend_measures_in_job_order_and_turns_exceptions_into_failures
     assert results[2].eval_tokens < results[0].eval_tokens  # max_windows reached the evaluator
 
     class Broken:
-        def evaluate(self, metric, max_windows=None):
+        def evaluate(self, metric, max_windows=None, known=None):
             raise RuntimeError("boom")
 
     (r,) = SerialBackend(Broken).map(JOBS[:1])

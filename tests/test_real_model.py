@@ -56,6 +56,21 @@ def test_evaluate_restores_dense_exactly(evaluator, results):
     assert evaluator.measure().perplexity == dense
 
 
+def test_same_masks_answer_without_a_forward_exactly_as_a_forward_would(evaluator, results):
+    from prunerzero.primitives.metric import Metric
+
+    _, pruned = results
+    magnitude = pruned["magnitude"]
+    known = {magnitude.phenotype: magnitude.perplexity}
+    squared = Metric.from_expression("sqr(W)")  # ranks weights as magnitude does
+    skipped = evaluator.evaluate(squared, known=known)
+    assert not skipped.measured and skipped.phenotype == magnitude.phenotype
+    assert skipped.perplexity == magnitude.perplexity and skipped.eval_tokens == magnitude.eval_tokens
+    forward = evaluator.evaluate(squared)
+    assert forward.measured and forward.perplexity == magnitude.perplexity
+    assert evaluator.evaluate(resolve_metric("wanda"), known=known).measured  # other masks: measured
+
+
 def test_saved_pruned_model_reloads_with_same_perplexity_and_zeros(evaluator, tmp_path):
     from transformers import AutoModelForCausalLM
 
