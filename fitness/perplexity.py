@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 
+IGNORE = -100  # target id that cross_entropy skips
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     perplexity: float
@@ -24,8 +27,12 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> PerplexityR
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        logits = model(ids, use_cache=False).logits
+        # the last position predicts nothing: ignore it rather than slice, which would copy the
+        # (batch, length, vocabulary) logits to make them contiguous
+        targets = F.pad(ids[:, 1:], (0, 1), value=IGNORE)
+        nll = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                              ignore_index=IGNORE)
         total += float(nll)
         count += ids[:, 1:].numel()
     mean = total / max(count, 1)
