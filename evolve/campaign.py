@@ -31,7 +31,7 @@ from prunerzero.fitness.evaluator import EvalSpec
 from prunerzero.fitness.pool import Backend, RayBackend, SerialBackend
 from prunerzero.paths import atomic_write_bytes, atomic_write_text
 
-from .config import BackendConfig, CampaignConfig, from_dict
+from .config import BackendConfig, CampaignConfig, ConfigError, from_dict
 from .engine import Engine
 from .evaluation import FitnessMap
 
@@ -87,14 +87,22 @@ def run_campaign(config: CampaignConfig, run_dir: Path | None = None, backend: B
 
 
 def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Console | None = None,
-                    **backend_changes) -> Path:
+                    generations: int | None = None, **backend_changes) -> Path:
     """Continue the campaign in `run_dir` from its last checkpoint (or from the start if it
-    has none). `backend_changes` (kind, workers, address, …) change where, never what."""
+    has none). `generations` extends (or shortens, not below what is done) the campaign;
+    `backend_changes` (kind, workers, address, …) change where, never what."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
     state = load_checkpoint(run_dir)
     config = from_dict(state["config"] if state else json.loads((run_dir / "config.json").read_text()))
+    if generations is not None:
+        done = state["engine"]["generation"] if state else -1
+        if generations < done:
+            raise ConfigError(f"search.generations: {run_dir.name} has already run {done} generations; "
+                              f"cannot end it at {generations}")
+        config = config.with_generations(generations)
+        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     if backend_changes:
         config = config.with_backend(**backend_changes)
     return _run(config, run_dir, state, backend, console)

@@ -140,6 +140,11 @@ class CampaignConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_generations(self, generations: int) -> "CampaignConfig":
+        """The same campaign run to another number of generations (an extension continues the
+        search's RNG stream, so it equals a campaign configured that long from the start)."""
+        return from_dict({**self.to_dict(), "search": {**asdict(self.search), "generations": generations}})
+
     def with_backend(self, **changes) -> "CampaignConfig":
         """The same campaign on another backend (results do not depend on it)."""
         return from_dict({**self.to_dict(), "backend": {**asdict(self.backend), **changes}})

@@ -23,16 +23,20 @@ def evolve(
     backend: Optional[str] = typer.Option(None, "--backend", help="'serial' or 'ray' (overrides the config)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://…'); implies --backend ray"),
     workers: Optional[int] = typer.Option(None, "--workers", help="evaluator actors (overrides the config)"),
+    generations: Optional[int] = typer.Option(None, "--generations", min=0,
+                                              help="with --resume: run to this many generations (extend a finished campaign)"),
 ) -> None:
-    """Run a metric-discovery campaign, or resume one."""
+    """Run a metric-discovery campaign, or resume (or extend) one."""
     if (config is None) == (resume is None):
         raise typer.BadParameter("give either a CONFIG or --resume RUN_DIR")
+    if generations is not None and resume is None:
+        raise typer.BadParameter("--generations extends a run: use it with --resume (a new campaign takes it from its config)")
     changes = {k: v for k, v in {"kind": backend, "address": address, "workers": workers}.items() if v is not None}
     if address is not None and backend is None:
         changes["kind"] = "ray"
     try:
         if resume is not None:
-            run_dir = resume_campaign(resume, **changes)
+            run_dir = resume_campaign(resume, generations=generations, **changes)
         else:
             cfg = load_config(config)
             run_dir = run_campaign(cfg.with_backend(**changes) if changes else cfg)

@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from prunerzero.evolve.campaign import EVAL_COLUMNS, HISTORY_COLUMNS, evaluator_factory, resume_campaign, run_campaign
+from prunerzero.evolve.config import ConfigError
 from prunerzero.evolve.evaluation import FitnessMap
 from prunerzero.evolve.simplify import simplify
 from prunerzero.evolve.toy import toy_config
@@ -133,6 +134,17 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_hall_of_fame(straight, 
     assert _search_trace(run_dir) == _search_trace(reference)
     generations = [int(r["generation"]) for r in _rows(run_dir / "evaluations.csv")]
     assert generations == sorted(generations)  # the replayed generation was not logged twice
+
+
+def test_extending_a_finished_campaign_equals_running_it_longer(straight, tmp_path):
+    _, reference, _ = straight
+    short = run_campaign(toy_config(tmp_path, search={"generations": 2}), console=QUIET)
+    assert len(_rows(short / "history.csv")) == 3
+    resume_campaign(short, generations=4, console=QUIET)
+    assert _hof(short) == _hof(reference) and _search_trace(short) == _search_trace(reference)
+    assert '"generations": 4' in (short / "config.json").read_text()
+    with pytest.raises(ConfigError, match="already run 4 generations; cannot end it at 3"):
+        resume_campaign(short, generations=3, console=QUIET)
 
 
 def test_a_second_campaign_reads_the_shared_cache(straight):

@@ -23,6 +23,10 @@ def test_evolve_resume_and_export(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert f"run directory: {run_dir}" in result.output and "gen   1/1" in result.output
     assert runner.invoke(evolve_app, ["evolve", "--resume", str(run_dir)]).exit_code == 0
+    result = runner.invoke(evolve_app, ["evolve", "--resume", str(run_dir), "--generations", "2"])
+    assert result.exit_code == 0 and "gen   2/2" in result.output, result.output
+    result = runner.invoke(evolve_app, ["evolve", "--resume", str(run_dir), "--generations", "1"])
+    assert result.exit_code == 2 and "already run 2 generations" in result.output
     result = runner.invoke(evolve_app, ["export", str(run_dir), "--top", "2", "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [f"{run_dir.name}-1.py", f"{run_dir.name}-2.py"]
@@ -33,5 +37,7 @@ def test_bad_config_and_arguments_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "search.mutation: unknown key" in result.output
     result = runner.invoke(evolve_app, ["evolve"])
     assert result.exit_code != 0 and "either a CONFIG or --resume" in result.output
+    result = runner.invoke(evolve_app, ["evolve", str(_toml(tmp_path)), "--generations", "3"])
+    assert result.exit_code != 0 and "use it with --resume" in result.output
     result = runner.invoke(evolve_app, ["export", str(tmp_path)])
     assert result.exit_code == 2 and "hall_of_fame.csv" in result.output
