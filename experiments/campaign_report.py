@@ -2,11 +2,14 @@
 exported metrics did on the test split against the hand-made ones.
 
     python experiments/campaign_report.py results/runs/<id> [--leaderboard results/leaderboard.csv]
+        [--baselines magnitude,wanda,ria,gradient,pruner-zero]
 
 Writes `<run>/REPORT.md` and `<run>/history.png`. The test table reads leaderboard rows: the
 run's exported metrics (named `<id>-<rank>` by `prunerzero export`) and the baselines measured
 under the same protocol (same `protocol_id`), model, corpus and split — so it only reports
-numbers some command actually measured, and says which rows are missing.
+numbers some command actually measured, and says which rows are missing. `--baselines` also
+scores hand-made metrics on the search's own fitness (its valid split and token budget), through
+the shared fitness cache: measured once, then read back.
 """
 
 from __future__ import annotations
@@ -84,7 +87,40 @@ def test_table(run_id: str, config: dict, board: pd.DataFrame) -> list[str]:
     return lines
 
 
-def report(run_dir: Path, board: pd.DataFrame) -> str:
+def search_budget_baselines(config: dict, names: list[str]) -> list[tuple[str, str, float]]:
+    """(name, formula, fitness) of each named metric under the campaign's own evaluation spec."""
+    from dataclasses import replace
+
+    from prunerzero.evolve.campaign import evaluator_factory
+    from prunerzero.evolve.config import from_dict
+    from prunerzero.fitness.cache import FitnessCache
+    from prunerzero.primitives.metric import resolve_metric
+
+    cfg = from_dict(config)
+    spec, windows = cfg.eval_spec(), cfg.protocol.eval_windows
+    cache = FitnessCache(cfg.cache or None)
+    metrics = {name: resolve_metric(name) for name in names}
+    known = cache.get_many([m.key for m in metrics.values()], spec.cache_key(), windows)
+    missing = [m for m in metrics.values() if m.key not in known]
+    if missing:
+        evaluator = evaluator_factory(spec)()
+        results = [replace(evaluator.evaluate(m), key=m.key) for m in missing]
+        cache.put_many(results, spec.cache_key(), windows)
+        known.update((r.key, r) for r in results)
+    return [(name, m.formula, known[m.key].fitness) for name, m in metrics.items()]
+
+
+def baseline_lines(rows: list[tuple[str, str, float]], hof: pd.DataFrame) -> list[str]:
+    best = hof["fitness"].iloc[0]
+    lines = ["## Hand-made metrics on the search's fitness", "",
+             f"Same valid split, token budget and statistics as every candidate; the campaign's best: {best:.2f}.", "",
+             "| metric | formula | valid perplexity | campaign's best vs it |", "|---|---|---:|---:|"]
+    for name, formula, fitness in sorted(rows, key=lambda r: r[2]):
+        lines.append(f"| {name} | `{formula}` | {fitness:.2f} | {best / fitness - 1:+.1%} |")
+    return lines + [""]
+
+
+def report(run_dir: Path, board: pd.DataFrame, baselines: list[str] = ()) -> str:
     config = json.loads((run_dir / "config.json").read_text())
     history = pd.read_csv(run_dir / "history.csv")
     hof = pd.read_csv(run_dir / "hall_of_fame.csv")
@@ -109,7 +145,10 @@ def report(run_dir: Path, board: pd.DataFrame) -> str:
               "| rank | valid perplexity | formula | found in generation |", "|---:|---:|---|---:|"]
     for _, r in hof[hof["fitness"] < WORST].iterrows():
         lines.append(f"| {r['rank']} | {r['fitness']:.2f} | `{r['formula']}` | {r['generation']} |")
-    lines += ["", "## On the test split", "", *test_table(run_dir.name, config, board)]
+    lines.append("")
+    if baselines:
+        lines += baseline_lines(search_budget_baselines(config, list(baselines)), hof)
+    lines += ["## On the test split", "", *test_table(run_dir.name, config, board)]
     return "\n".join(lines) + "\n"
 
 
@@ -117,9 +156,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--leaderboard", type=Path, default=Path("results/leaderboard.csv"))
+    parser.add_argument("--baselines", default="", help="comma-separated metrics to score on the search's fitness")
     args = parser.parse_args(argv)
     board = read(args.leaderboard) if args.leaderboard.is_file() else pd.DataFrame(columns=["metric"])
-    text = report(args.run_dir, board)
+    text = report(args.run_dir, board, [b for b in args.baselines.split(",") if b])
     (args.run_dir / "REPORT.md").write_text(text)
     print(f"wrote {args.run_dir / 'REPORT.md'} and history.png")
 

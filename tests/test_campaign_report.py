@@ -8,6 +8,8 @@ import pandas as pd
 
 from prunerzero.evolve.campaign import run_campaign
 from prunerzero.evolve.toy import toy_config
+from prunerzero.fitness.cache import FitnessCache
+from prunerzero.primitives.metric import resolve_metric
 from prunerzero.leaderboard import COLUMNS
 
 from test_evolve_campaign import QUIET
@@ -46,9 +48,18 @@ def test_report_has_cost_history_hall_of_fame_and_test_rows(tmp_path):
     assert "Baselines without a row under this protocol: magnitude, ria" in text
 
 
-def test_report_says_when_no_exported_metric_was_measured(tmp_path):
+def test_report_scores_baselines_on_the_search_fitness_and_says_when_no_metric_was_exported(tmp_path):
     run_dir = run_campaign(toy_config(tmp_path, search={"generations": 1}), console=QUIET)
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "campaign_report.py"), str(run_dir),
-                           "--leaderboard", str(tmp_path / "none.csv")], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(ROOT / "experiments" / "campaign_report.py"), str(run_dir),
+               "--leaderboard", str(tmp_path / "none.csv"), "--baselines", "magnitude,wanda"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"No leaderboard rows for `{run_dir.name}-*` yet" in (run_dir / "REPORT.md").read_text()
+    text = (run_dir / "REPORT.md").read_text()
+    assert f"No leaderboard rows for `{run_dir.name}-*` yet" in text
+    section = text.split("## Hand-made metrics on the search's fitness")[1].split("## On the test split")[0]
+    rows = {line.split(" | ")[0][2:]: float(line.split(" | ")[2]) for line in section.splitlines() if line.startswith("| ") and "`" in line}
+    assert set(rows) == {"magnitude", "wanda"} and rows["wanda"] < rows["magnitude"]  # the toy has outlier channels
+    cache = FitnessCache(tmp_path / "fitness.sqlite")  # measured once, kept for the next report
+    spec = toy_config(tmp_path).eval_spec()
+    key = resolve_metric("wanda").key
+    assert rows["wanda"] == round(cache.get_many([key], spec.cache_key(), 8)[key].fitness, 2)
