@@ -83,13 +83,12 @@ class FitnessMap:
             self.cache.put_many(results, self.spec_key, windows)
         for k, r in zip(todo, results):
             out[k] = Measured(windows, r)
-            if not r.measured:
+            self.stats["eval_seconds"] += r.seconds
+            if not r.measured:  # answered from identical masks: no forward, no windows
                 self.stats["phenotype_hits"] += 1
-                self.stats["eval_seconds"] += r.seconds
                 continue
             self.stats["evaluations"] += 1
             self.stats["windows"] += windows
-            self.stats["eval_seconds"] += r.seconds
             self.stats["failed"] += r.status != "ok"
         self._record(out, formulas)
         return out

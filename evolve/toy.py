@@ -9,7 +9,6 @@ in the package (not in tests/) so that Ray workers can import it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -19,7 +18,7 @@ import torch
 
 from prunerzero.fitness.evaluator import EvalSpec, FitnessResult
 from prunerzero.protocol import parse_pattern
-from prunerzero.pruning.masks import packed_bits
+from prunerzero.pruning.masks import MaskDigest
 
 ROWS_PER_WINDOW = 4
 
@@ -52,7 +51,9 @@ class ToyEvaluator:
             if not torch.isfinite(scores).all():
                 raise ValueError("non-finite scores")
             mask = self._mask(scores)
-            phenotype = hashlib.blake2b(packed_bits(mask), digest_size=16).hexdigest()
+            digest = MaskDigest()
+            digest.add("toy", mask)
+            phenotype = digest.hexdigest()
             if known and phenotype in known:
                 return FitnessResult(metric.key, known[phenotype], "ok", "", time.perf_counter() - start,
                                      inputs.shape[0], 1.0 - float(mask.float().mean()), phenotype, False)

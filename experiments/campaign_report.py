@@ -88,26 +88,22 @@ def test_table(run_id: str, config: dict, board: pd.DataFrame) -> list[str]:
 
 
 def search_budget_baselines(config: dict, names: list[str]) -> list[tuple[str, str, float]]:
-    """(name, formula, fitness) of each named metric under the campaign's own evaluation spec."""
-    from dataclasses import replace
-
+    """(name, formula, fitness) of each named metric under the campaign's own evaluation spec,
+    through the campaign's own fitness path (cache first, then an evaluator for the rest)."""
     from prunerzero.evolve.campaign import evaluator_factory
     from prunerzero.evolve.config import from_dict
+    from prunerzero.evolve.evaluation import FitnessMap
     from prunerzero.fitness.cache import FitnessCache
+    from prunerzero.fitness.pool import SerialBackend
     from prunerzero.primitives.metric import resolve_metric
 
     cfg = from_dict(config)
-    spec, windows = cfg.eval_spec(), cfg.protocol.eval_windows
-    cache = FitnessCache(cfg.cache or None)
+    spec = cfg.eval_spec()
     metrics = {name: resolve_metric(name) for name in names}
-    known = cache.get_many([m.key for m in metrics.values()], spec.cache_key(), windows)
-    missing = [m for m in metrics.values() if m.key not in known]
-    if missing:
-        evaluator = evaluator_factory(spec)()
-        results = [replace(evaluator.evaluate(m), key=m.key) for m in missing]
-        cache.put_many(results, spec.cache_key(), windows)
-        known.update((r.key, r) for r in results)
-    return [(name, m.formula, known[m.key].fitness) for name, m in metrics.items()]
+    with SerialBackend(evaluator_factory(spec)) as backend:  # loads the model only if something is missing
+        fitness = FitnessMap(backend, FitnessCache(cfg.cache or None), spec.cache_key(), cfg.protocol.eval_windows)
+        measured = fitness([(m.key, m.formula) for m in metrics.values()])
+    return [(name, m.formula, got.result.fitness) for (name, m), got in zip(metrics.items(), measured)]
 
 
 def baseline_lines(rows: list[tuple[str, str, float]], hof: pd.DataFrame) -> list[str]:

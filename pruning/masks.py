@@ -7,6 +7,8 @@ would), so masks are deterministic on every backend.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -74,13 +76,12 @@ def check_pattern_fits(shapes: dict[str, torch.Size], nm: tuple[int, int] | None
 
 
 
-def packed_bits(mask: torch.Tensor) -> bytes:
-    """A bool mask as bytes, eight weights to a byte (packed on the mask's device, so only an
-    eighth of it crosses to the host)."""
+def packed(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8, eight weights to a byte (`np.packbits` order), where the mask lives."""
     flat = mask.reshape(-1)
     if flat.device.type == "cpu":
-        return np.packbits(flat.numpy()).tobytes()
-    return pack_on_device(flat).cpu().numpy().tobytes()
+        return torch.from_numpy(np.packbits(flat.numpy()))
+    return pack_on_device(flat)
 
 
 def pack_on_device(flat: torch.Tensor) -> torch.Tensor:
@@ -88,3 +89,34 @@ def pack_on_device(flat: torch.Tensor) -> torch.Tensor:
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
     return (flat * weights).sum(dim=1, dtype=torch.uint8)
+
+
+class MaskDigest:
+    """Fingerprint of a sequence of named masks: equal digests, the same weights pruned. Masks
+    are bit-packed where they live and cross to the host once, when the digest is read (not
+    one synchronisation per unit on the per-candidate path); the packed bits held until then
+    are an eighth of one bool mask per unit."""
+
+    def __init__(self) -> None:
+        self._labels: list[bytes] = []
+        self._packed: list[torch.Tensor] = []
+
+    def add(self, name: str, mask: torch.Tensor) -> None:
+        self._labels.append(f"{name}{tuple(mask.shape)}".encode())
+        self._packed.append(packed(mask))
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def hexdigest(self) -> str:
+        """"" when no mask was added."""
+        if not self._labels:
+            return ""
+        parts = self._packed
+        if parts[0].device.type != "cpu":
+            parts = torch.cat(parts).cpu().split([p.numel() for p in parts])
+        digest = hashlib.blake2b(digest_size=16)
+        for label, part in zip(self._labels, parts):
+            digest.update(label)
+            digest.update(part.numpy())
+        return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -10,7 +9,7 @@ import torch
 
 from prunerzero.protocol import check_sparsity, parse_pattern
 
-from .masks import GROUPS, packed_bits
+from .masks import GROUPS, MaskDigest
 
 
 @dataclass(frozen=True)
@@ -45,21 +44,22 @@ class PruneReport:
     method: str
     rows: list[dict] = field(default_factory=list)  # name, block, role, expert, numel, zeros
     seconds: float = 0.0
-    _masks: "hashlib._Hash" = field(default_factory=lambda: hashlib.blake2b(digest_size=16), repr=False)
-    _masked_units: int = field(default=0, repr=False)
+    _masks: MaskDigest = field(default_factory=MaskDigest, repr=False)
 
     def add_mask(self, name: str, mask: torch.Tensor) -> None:
         """Fold a unit's mask into the fingerprint (units in pruning order)."""
-        self._masks.update(f"{name}{tuple(mask.shape)}".encode())
-        self._masks.update(packed_bits(mask))
-        self._masked_units += 1
+        self._masks.add(name, mask)
+
+    @property
+    def masked_units(self) -> int:
+        return len(self._masks)
 
     @property
     def fingerprint(self) -> str:
         """Digest of every mask added: equal fingerprints, the same weights pruned — and so the
         same pruned model, whatever formula chose them. "" when no mask was added (a method
         such as SparseGPT that also updates the weights kept)."""
-        return self._masks.hexdigest() if self._masked_units else ""
+        return self._masks.hexdigest()
 
     def add(self, unit, zeros: int) -> None:
         self.rows.append({"name": unit.name, "block": unit.block, "role": unit.role, "expert": unit.expert,

@@ -10,7 +10,7 @@ from prunerzero.primitives.metric import Metric, builtin
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.apply import DenseSnapshot, prune_with_metric
 from prunerzero.pruning.apply import prune_with_metric_sequential
-from prunerzero.pruning.masks import PatternError, check_pattern_fits, nm_mask, pack_on_device, packed_bits, select_mask
+from prunerzero.pruning.masks import PatternError, check_pattern_fits, nm_mask, pack_on_device, packed, select_mask
 from prunerzero.pruning.target import PruneReport, PruneTarget
 
 
@@ -212,7 +212,7 @@ def test_report_counts_zeros_per_unit_and_in_total():
 @pytest.mark.parametrize("numel", [1, 8, 13, 1000])
 def test_device_bit_packing_equals_numpy_packbits(numel):
     flat = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5
-    assert pack_on_device(flat).numpy().tobytes() == np.packbits(flat.numpy()).tobytes() == packed_bits(flat)
+    assert pack_on_device(flat).numpy().tobytes() == np.packbits(flat.numpy()).tobytes() == packed(flat).numpy().tobytes()
 
 
 def _fingerprint(masks: dict[str, torch.Tensor]) -> str:
@@ -251,4 +251,4 @@ def test_sequential_pruning_fingerprints_every_block(pruned_setup, tiny_windows)
     snapshot = DenseSnapshot(adapter.prunable())
     report = prune_with_metric_sequential(model, adapter, tiny_windows, builtin("wanda"), PruneTarget(), stats)
     snapshot.restore()
-    assert report.fingerprint and report._masked_units == len(adapter.prunable())
+    assert report.fingerprint and report.masked_units == len(adapter.prunable())
