@@ -10,7 +10,8 @@ from prunerzero.primitives.metric import Metric, builtin
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.apply import DenseSnapshot, prune_with_metric
 from prunerzero.pruning.apply import prune_with_metric_sequential
-from prunerzero.pruning.masks import PatternError, check_pattern_fits, nm_mask, pack_on_device, packed, select_mask
+from prunerzero.pruning.masks import (PatternError, check_pattern_fits, nm_mask, pack_on_device, packed, select_mask,
+                                      zero_masked)
 from prunerzero.pruning.target import PruneReport, PruneTarget
 
 
@@ -63,6 +64,24 @@ def test_layer_mask_equals_reference(ties, sparsity):
     assert mask.sum() == int(9 * 40 * sparsity)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])  # numpy's selection / topk's
+@pytest.mark.parametrize("group", ["row", "layer"])
+def test_masks_are_the_same_for_every_score_dtype(dtype, group):
+    scores = _scores((9, 40), ties=True, seed=4)  # small integers: exact in every dtype
+    mask = select_mask(scores.to(dtype), 0.5, group=group)
+    np.testing.assert_array_equal(mask.numpy(), select_mask(scores, 0.5, group=group).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zero_masked_writes_positive_zeros_and_leaves_the_rest(dtype):
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(5)).to(dtype)
+    dense = weight.clone()
+    mask = torch.rand(6, 10, generator=torch.Generator().manual_seed(6)) < 0.5
+    zero_masked(weight, mask)
+    assert torch.equal(weight[~mask], dense[~mask])
+    assert (weight[mask] == 0).all() and not torch.signbit(weight[mask]).any()  # +0.0, not -0.0
+
+
 def test_layer_group_differs_from_row_group():
     scores = torch.rand(8, 16, generator=torch.Generator().manual_seed(2))
     scores[:4] += 1  # rows 0..3 dominate: the layer group prunes the other rows first
@@ -72,7 +91,7 @@ def test_layer_group_differs_from_row_group():
 
 
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4), (3, 4)])
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4), (3, 4), (5, 16)])  # ranked up to 8 wide, selected past it
 def test_nm_mask_equals_reference_and_keeps_exactly_n(ties, n, m):
     scores = _scores((7, 32), ties, seed=3)
     mask = select_mask(scores, 0.5, nm=(n, m))  # sparsity is ignored for N:M
