@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from prunerzero.fitness import perplexity as perplexity_module
 from prunerzero.fitness.perplexity import perplexity
 
 
@@ -18,7 +19,10 @@ def _reference(model, windows: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 8])
-def test_perplexity_equals_the_direct_computation_for_any_batching(tiny_llama, tiny_windows, batch_size):
+@pytest.mark.parametrize("chunk_positions", [1, 5, 1000])  # the loss a position, 5, or a window at a time
+def test_perplexity_equals_the_direct_computation_for_any_batching(tiny_llama, tiny_windows, batch_size,
+                                                                   chunk_positions, monkeypatch):
+    monkeypatch.setitem(perplexity_module.LOSS_CHUNK_BYTES, "cpu", 4 * tiny_llama.config.vocab_size * chunk_positions)
     got = perplexity(tiny_llama, tiny_windows, batch_size=batch_size)
     assert got.tokens == tiny_windows.shape[0] * (tiny_windows.shape[1] - 1)
     assert got.perplexity == pytest.approx(_reference(tiny_llama, tiny_windows), rel=1e-5)
