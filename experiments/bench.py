@@ -8,9 +8,10 @@ Measures, on whatever machine it runs on (CPU or GPU), with the real smollm2-135
      against a plain forward pass over the same tokens (the floor);
   b. evaluator throughput in tokens/s against the plain forward;
   c. Ray scaling: evaluations/s with 1, 2, … evaluators, efficiency = speedup / N;
-  d. search efficiency over a 20-generation campaign: how many evaluations OOS, de-duplication
-     and the fitness cache spare;
-  e. peak memory of statistics collection and of one evaluator, against the model's size.
+  d. search efficiency over a 20-generation campaign: how many evaluations OOS, de-duplication,
+     the fitness cache and identical masks spare; and the windows successive halving spares;
+  e. peak memory of statistics collection and of one evaluator, against the model's size;
+  f. each per-candidate kernel chosen (mask selection, zeroing) against the plain torch way.
 and writes the report (tables, machine, command, medians over repeats) to results/BENCHMARKS.md.
 """
 
@@ -27,19 +28,23 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from prunerzero.fitness.perplexity import nll_sum
 from prunerzero.fitness.pool import Job, RayBackend
 from prunerzero.paths import atomic_write_text
 from prunerzero.primitives.metric import resolve_metric
 from prunerzero.protocol import Protocol
 from prunerzero.pruning.apply import unit_scores
-from prunerzero.pruning.masks import select_mask
+from prunerzero.pruning.masks import select_mask, zero_masked
 
 SIZES = {  # protocol and repetition per size; "full" is the default protocol (GPU)
-    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, toy=True),
-    "small": dict(seq_len=256, calib=16, windows=8, repeats=5, jobs=3, population=16, generations=20, toy=True),
-    "full": dict(seq_len=1024, calib=128, windows=128, repeats=5, jobs=4, population=32, generations=20, toy=False),
+    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, rungs=2, toy=True),
+    "small": dict(seq_len=256, calib=16, windows=8, repeats=7, jobs=5, population=16, generations=20, rungs=3,
+                  toy=True),
+    "full": dict(seq_len=1024, calib=128, windows=128, repeats=7, jobs=4, population=32, generations=20, rungs=3,
+                 toy=False),
 }
 METRIC = "wanda"
 RAY_METRICS = ["magnitude", "wanda", "ria", "pruner-zero", "gradient", "mul(sqr(W), sqrt(X))",
@@ -65,23 +70,31 @@ def median_ms(samples: list[float]) -> float:
 
 # ------------------------------------------------------------------ a, b: one candidate
 def candidate_costs(ev: Evaluator, repeats: int) -> dict[str, list[float]]:
-    """Seconds per step of one fitness evaluation, `repeats` times; plus the floor."""
+    """Seconds per step of one fitness evaluation, `repeats` times after a warm-up; plus the floor,
+    measured in the same repeat as the evaluation it is compared with (a noisy machine moves
+    both together, so ratios are taken per repeat)."""
     metric = resolve_metric(METRIC)
     stats = ev.stats(metric.needs)
     ids = ev.windows
     steps: dict[str, list[float]] = {k: [] for k in
                                      ("scores", "masks", "apply", "forward", "restore", "evaluate", "floor")}
-    for _ in range(repeats):
-        t, scores = timed(lambda: [unit_scores(metric, u, stats) for u in ev.units])
-        steps["scores"].append(t)
-        t, masks = timed(lambda: [select_mask(s, ev.target.sparsity, ev.target.nm, ev.target.group) for s in scores])
-        steps["masks"].append(t)
-        steps["apply"].append(timed(lambda: [u.weight.masked_fill_(m, 0) for u, m in zip(ev.units, masks)])[0])
-        steps["forward"].append(timed(lambda: ev.measure())[0])
-        steps["restore"].append(timed(ev.restore)[0])
-        steps["evaluate"].append(timed(lambda: ev.evaluate(metric))[0])
-        steps["floor"].append(timed(lambda: plain_forward(ev.model, ids))[0])
+    for rep in range(repeats + 1):
+        t_scores, scores = timed(lambda: [unit_scores(metric, u, stats) for u in ev.units])
+        t_masks, masks = timed(lambda: [select_mask(s, ev.target.sparsity, ev.target.nm, ev.target.group) for s in scores])
+        t_apply = timed(lambda: [zero_masked(u.weight, m) for u, m in zip(ev.units, masks)])[0]
+        t_forward = timed(lambda: ev.measure())[0]
+        t_restore = timed(ev.restore)[0]
+        t_evaluate = timed(lambda: ev.evaluate(metric))[0]
+        t_floor = timed(lambda: plain_forward(ev.model, ids))[0]
+        if rep:  # the first round warms up
+            for k, t in zip(steps, (t_scores, t_masks, t_apply, t_forward, t_restore, t_evaluate, t_floor)):
+                steps[k].append(t)
     return steps
+
+
+def paired_ratio(costs: dict[str, list[float]], num: tuple[str, ...], den: str) -> float:
+    """Median over repeats of sum(num steps) / den step, each repeat's own."""
+    return statistics.median(sum(costs[k][i] for k in num) / costs[den][i] for i in range(len(costs[den])))
 
 
 @torch.no_grad()
@@ -119,33 +132,45 @@ def ray_scaling(spec: EvalSpec, max_workers: int, jobs_per_worker: int, gpu: boo
 
 # ------------------------------------------------------------------ d: search efficiency
 def search_efficiency(size: dict, spec: EvalSpec) -> dict:
-    import pandas as pd
-
-    from prunerzero.evolve.campaign import run_campaign
-    from prunerzero.evolve.config import from_dict
-
-    with tempfile.TemporaryDirectory() as root:
-        model = "toy" if size["toy"] else spec.model
-        config = from_dict({
-            "name": "bench-search", "runs_dir": f"{root}/runs", "cache": f"{root}/fitness.sqlite",
-            "eval": {"model": model, "corpus": spec.corpus, "device": spec.device},
-            "protocol": {"seq_len": size["seq_len"], "calib_windows": size["calib"], "eval_windows": size["windows"]},
-            "search": {"population": size["population"], "generations": size["generations"], "seed": 0},
-        })
-        from rich.console import Console
-
-        run_dir = run_campaign(config, console=Console(file=open(os.devnull, "w")))
-        h = pd.read_csv(run_dir / "history.csv")
+    """Two campaigns from the same seed: every survivor on the full window budget (what OOS,
+    de-duplication, the cache and identical masks spare, tree by tree), and with successive
+    halving (what the window budget spent comes to against fully evaluating every tree)."""
+    h = _campaign_history(size, spec, rungs=1)
     generated = int(h["offspring"].sum() + h["rejected"].sum())  # every tree made, degenerate ones included
     evaluated = int(h["evaluations"].sum())
     cache_hits = int(h["cache_hits"].sum())
     same_masks = int(h["phenotype_hits"].sum())  # masks computed, forward skipped
+    halving = _campaign_history(size, spec, rungs=size["rungs"])
+    halving_generated = int(halving["offspring"].sum() + halving["rejected"].sum())
     return {"evaluator": "toy (synthetic)" if size["toy"] else "real perplexity", "generations": size["generations"],
             "population": size["population"], "generated": generated, "rejected_by_oos": int(h["rejected"].sum()),
             "duplicates": int(h["offspring"].sum()) - evaluated - cache_hits - same_masks, "cache_hits": cache_hits,
             "same_masks": same_masks,
             "evaluated": evaluated, "spared": 1 - evaluated / max(generated, 1),
-            "best": f"{h['best_formula'].iloc[-1]} ({h['best_fitness'].iloc[-1]:.3f})"}
+            "best": f"{h['best_formula'].iloc[-1]} ({h['best_fitness'].iloc[-1]:.3f})",
+            "rungs": size["rungs"], "full_windows": size["windows"], "halving_generated": halving_generated,
+            "halving_forwards": int(halving["evaluations"].sum()), "halving_windows": int(halving["eval_windows"].sum()),
+            "halving_spared": 1 - halving["eval_windows"].sum() / max(halving_generated * size["windows"], 1),
+            "halving_best": f"{halving['best_formula'].iloc[-1]} ({halving['best_fitness'].iloc[-1]:.3f})"}
+
+
+def _campaign_history(size: dict, spec: EvalSpec, rungs: int):
+    import pandas as pd
+    from rich.console import Console
+
+    from prunerzero.evolve.campaign import run_campaign
+    from prunerzero.evolve.config import from_dict
+
+    with tempfile.TemporaryDirectory() as root:
+        config = from_dict({
+            "name": "bench-search", "runs_dir": f"{root}/runs", "cache": f"{root}/fitness.sqlite",
+            "eval": {"model": "toy" if size["toy"] else spec.model, "corpus": spec.corpus, "device": spec.device},
+            "protocol": {"seq_len": size["seq_len"], "calib_windows": size["calib"], "eval_windows": size["windows"]},
+            "search": {"population": size["population"], "generations": size["generations"], "seed": 0},
+            "fidelity": {"rungs": rungs, "eta": 2},
+        })
+        run_dir = run_campaign(config, console=Console(file=open(os.devnull, "w")))
+        return pd.read_csv(run_dir / "history.csv")
 
 
 # ------------------------------------------------------------------ e: memory
@@ -186,6 +211,64 @@ def _phase_peak(phase: str, spec: EvalSpec) -> float:
     return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) / 1024
 
 
+# ------------------------------------------------------------------ f: kernel choices
+def kernel_choices(ev: Evaluator, repeats: int) -> list[dict]:
+    """The per-candidate kernels chosen, each against the plain torch alternative, on the
+    model's real wanda scores, interleaved in one run (medians of `repeats`)."""
+    from prunerzero.pruning import masks
+
+    metric = resolve_metric(METRIC)
+    scores = [unit_scores(metric, u, ev.stats(metric.needs)) for u in ev.units]
+    half = [s.shape[1] // 2 for s in scores]
+    groups = [s.reshape(-1, 4) for s in scores]
+    pruned = [select_mask(s, 0.5) for s in scores]
+    ids = ev.windows[:4].to(ev.lm.device)
+    with torch.no_grad():
+        logits = ev.model(ids, use_cache=False).logits[:, :-1]
+
+    def zero_with(fill):
+        def run():
+            for u, m in zip(ev.units, pruned):
+                fill(u.weight, m)
+            ev.restore()
+        return run
+
+    pairs = [("k-th lowest score per row (50% of each row)",
+              "torch.topk", lambda: [torch.topk(s, k, dim=-1, largest=False, sorted=False).values.amax(-1)
+                                     for s, k in zip(scores, half)],
+              "numpy introselect (CPU)" if ev.lm.device.type == "cpu" else "torch.topk (as chosen off CPU)",
+              lambda: [masks._kth_lowest(s, k) for s, k in zip(scores, half)]),
+             ("2:4 masks",
+              "topk selection per group", lambda: [_topk_lowest(g, 2) for g in groups],
+              "stable ranks by column", lambda: [masks._stable_ranks(g) < 2 for g in groups]),
+             ("zeroing the pruned weights, then restoring",
+              "masked_fill_", zero_with(lambda w, m: w.masked_fill_(m, 0)),
+              "integer-view multiply", zero_with(masks.zero_masked)),
+             (f"loss over one batch's logits ({ids.shape[0]}x{ids.shape[1]})",
+              "cross_entropy, whole batch", lambda: F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                                      reduction="sum"),
+              "cross_entropy by chunks", lambda: nll_sum(logits, ids[:, 1:]))]
+    rows = []
+    for what, base_name, base, chosen_name, chosen in pairs:
+        times = {"base": [], "chosen": []}
+        for rep in range(repeats + 1):
+            for key, fn in (("base", base), ("chosen", chosen)):
+                t = timed(fn)[0]
+                if rep:
+                    times[key].append(t)
+        rows.append({"what": what, "base": base_name, "chosen": chosen_name, "base_ms": median_ms(times["base"]),
+                     "chosen_ms": median_ms(times["chosen"])})
+    return rows
+
+
+def _topk_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k lowest per row by torch.topk with the stable tie pass (the selection masks used
+    before stable ranks), as the baseline."""
+    kth = torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    below, at = scores < kth, scores == kth
+    return below | (at & (at.cumsum(dim=-1) <= k - below.sum(dim=-1, keepdim=True)))
+
+
 # ------------------------------------------------------------------ report
 def machine() -> str:
     if torch.cuda.is_available():
@@ -198,32 +281,38 @@ def machine() -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def report(args, spec, ev, costs, scaling, search, memory) -> str:
+def report(args, spec, ev, costs, scaling, search, memory, kernels) -> str:
     n_params = sum(u.weight.numel() for u in ev.units)
     model_mib = sum(p.numel() * p.element_size() for p in ev.model.parameters()) / 2**20
     med = {k: median_ms(v) for k, v in costs.items()}
     tokens = int(ev.windows.numel())
-    prune_restore = med["scores"] + med["masks"] + med["apply"] + med["restore"]
+    prune_steps = ("scores", "masks", "apply", "restore")
+    prune_restore = sum(med[k] for k in prune_steps)
+    prune_share = paired_ratio(costs, prune_steps, "forward")
+    throughput = paired_ratio(costs, ("floor",), "evaluate")
     lines = [
         "# prunerzero benchmarks", "",
         f"Written by `python experiments/bench.py --size {args.size}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Machine: {machine()}. Device {ev.lm.device}, weights {str(ev.lm.dtype).replace('torch.', '')}.",
         f"Model smollm2-135m ({n_params / 1e6:.1f}M pruned weights in {len(ev.units)} units; {model_mib:.0f} MiB of parameters); "
         f"corpus austen; {spec.protocol.describe()}; metric {METRIC} at {ev.target.describe()}.",
-        f"Medians over {args.repeats} repeats.", "",
+        f"Medians over {args.repeats} repeats after one warm-up; ratios are the median of each repeat's own ratio "
+        "(the steps of one repeat run back to back, so a noisy machine moves both sides together).", "",
         "## a. Per-candidate fitness cost", "",
         f"Perplexity forward over {ev.windows.shape[0]} windows x {ev.windows.shape[1]} tokens = {tokens} tokens.", "",
         "| step | median ms | share of the forward |", "|---|---:|---:|",
     ]
     for k in ("scores", "masks", "apply", "restore", "forward", "evaluate", "floor"):
         lines.append(f"| {k} | {med[k]:.1f} | {med[k] / med['forward']:.1%} |")
-    lines += ["", f"Pruning + restore = {prune_restore:.1f} ms = **{prune_restore / med['forward']:.1%} of the forward** "
+    lines += ["", f"Pruning + restore = {prune_restore:.1f} ms; **{prune_share:.1%} of the forward** "
               "(target on a GPU: <= 15%).", "",
               "## b. Evaluator throughput", "",
               "| | tokens/s |", "|---|---:|",
               f"| plain forward (floor) | {tokens / (med['floor'] / 1000):.0f} |",
               f"| evaluator (prune + perplexity + restore) | {tokens / (med['evaluate'] / 1000):.0f} |", "",
-              f"Evaluator throughput = **{med['floor'] / med['evaluate']:.1%} of the plain forward** (target on a GPU: >= 90%).", "",
+              f"Evaluator throughput = **{throughput:.1%} of the plain forward** (target on a GPU: >= 90%). "
+              "The evaluation also computes the scores' masks fingerprint and the achieved sparsity, and the loss "
+              "over the logits.", "",
               "## c. Ray scaling", "",
               f"Real evaluators (one model replica each), {args.jobs} candidates per evaluator after a warm-up call per actor.", "",
               "| evaluators | evaluations | seconds | evaluations/s | speedup | efficiency |", "|---:|---:|---:|---:|---:|---:|"]
@@ -240,6 +329,14 @@ def report(args, spec, ev, costs, scaling, search, memory) -> str:
               f"{search['same_masks']} | {search['evaluated']} | **{search['spared']:.1%}** |", "",
               "'Same masks': candidates whose masks match an evaluated one's (computing the masks, skipping the forward). "
               f"Best: `{search['best']}`. Target: OOS + de-duplication + cache avoid >= 30% of evaluations.", "",
+              f"With successive halving (the same campaign and seed, {search['rungs']} rungs, eta 2: candidates first "
+              f"measured on {search['full_windows'] // 2 ** (search['rungs'] - 1)} of {search['full_windows']} windows, "
+              "the better half going on), the windows spent against fully evaluating every tree:", "",
+              "| trees generated | forwards (all rungs) | windows spent | every tree in full | spared |",
+              "|---:|---:|---:|---:|---:|",
+              f"| {search['halving_generated']} | {search['halving_forwards']} | {search['halving_windows']} | "
+              f"{search['halving_generated'] * search['full_windows']} | **{search['halving_spared']:.1%}** |", "",
+              f"Best: `{search['halving_best']}`.", "",
               "## e. Peak memory", "",
               f"Each phase in a fresh process; {'max GPU memory allocated' if torch.cuda.is_available() else 'peak resident set (VmHWM, reset after loading)'} "
               f"in MiB; the evaluator holds the model, a dense copy of the pruned weights and the corpus; "
@@ -248,6 +345,14 @@ def report(args, spec, ev, costs, scaling, search, memory) -> str:
     for k, label in (("load", "loading an evaluator"), ("stats", "statistics collection (W, G, X)"),
                      ("evaluator", "one evaluation")):
         lines.append(f"| {label} | {memory[k]:.0f} | {memory[k] / model_mib:.2f} |")
+    lines += ["", "## f. Kernel choices, side by side", "",
+              f"Each per-candidate kernel against the plain torch way, on the real {METRIC} scores of all "
+              f"{len(ev.units)} units (the loss: on one batch of the model's logits), interleaved in one run; medians of "
+              f"{args.repeats}. The results are the same either way (tests/test_masks.py, tests/test_perplexity.py).", "",
+              "| step | plain torch | ms | chosen | ms | speed-up |", "|---|---|---:|---|---:|---:|"]
+    for r in kernels:
+        lines.append(f"| {r['what']} | {r['base']} | {r['base_ms']:.1f} | {r['chosen']} | {r['chosen_ms']:.1f} | "
+                     f"{r['base_ms'] / r['chosen_ms']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,13 +372,15 @@ def main(argv=None) -> None:
     ev = Evaluator(spec, needs=frozenset("WGX"))
     costs = candidate_costs(ev, args.repeats)
     print("a, b done", flush=True)
+    kernels = kernel_choices(ev, args.repeats)
+    print("f done", flush=True)
     memory = peak_memory(spec)
     print("e done", flush=True)
     scaling = ray_scaling(spec, max_workers, args.jobs, gpu)
     print("c done", flush=True)
     search = search_efficiency(size, spec)
     print("d done", flush=True)
-    text = report(args, spec, ev, costs, scaling, search, memory)
+    text = report(args, spec, ev, costs, scaling, search, memory, kernels)
     atomic_write_text(args.out, text)
     print(text)
 
