@@ -39,9 +39,10 @@ from prunerzero.protocol import Protocol
 from prunerzero.pruning.apply import unit_scores
 from prunerzero.pruning.masks import select_mask, zero_masked
 
-SIZES = {  # protocol and repetition per size; "full" is the default protocol (GPU)
+SIZES = {  # protocol and repetition per size; "small" is the CPU campaign's protocol
+    # (experiments/smollm2-cpu-unstructured50.toml), "full" the default protocol (GPU)
     "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, rungs=2, toy=True),
-    "small": dict(seq_len=256, calib=16, windows=8, repeats=7, jobs=5, population=16, generations=20, rungs=3,
+    "small": dict(seq_len=256, calib=16, windows=16, repeats=7, jobs=4, population=16, generations=20, rungs=3,
                   toy=True),
     "full": dict(seq_len=1024, calib=128, windows=128, repeats=7, jobs=4, population=32, generations=20, rungs=3,
                  toy=False),
