@@ -18,7 +18,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
                            "--max-workers", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for heading in ("a. Per-candidate fitness cost", "b. Evaluator throughput", "c. Ray scaling",
+    for heading in ("Targets", "a. Per-candidate fitness cost", "b. Evaluator throughput", "c. Ray scaling",
                     "d. Search efficiency", "e. Peak memory", "f. Kernel choices, side by side"):
         assert f"## {heading}" in text
     assert re.search(r"\| 2 \| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", text)  # 2 evaluators, 4 candidates
@@ -26,6 +26,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert len(spared) == 2 and all(0 <= x <= 100 for x in spared)  # tree by tree; windows with successive halving
     kernels = re.findall(r"\| ([\d.]+) \| [^|]+ \| ([\d.]+) \| ([\d.]+)x \|", text)
     assert len(kernels) == 4 and all(float(base) > 0 and float(chosen) > 0 for base, chosen, _ in kernels)
+    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 4  # each target, met or not
     params = float(re.search(r"parameters alone: (\d+) MiB", text).group(1))
     loaded = float(re.search(r"\| loading an evaluator \| (\d+) \|", text).group(1))
     assert loaded >= params  # the process held at least the parameters
