@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .masks import check_pattern_fits, select_mask
+from .masks import check_pattern_fits, select_mask, zero_masked
 from .sequential import run_sequential
 from .target import PruneReport, PruneTarget
 
@@ -52,7 +52,7 @@ def prune_with_metric(units, stats, metric, target: PruneTarget, report: PruneRe
         report = PruneReport(target=target, method=getattr(metric, "name", str(metric)))
     for unit in units:
         mask = select_mask(unit_scores(metric, unit, stats), target.sparsity, target.nm, target.group, unit.name)
-        unit.weight.masked_fill_(mask, 0)
+        zero_masked(unit.weight, mask)
         report.add_mask(unit.name, mask)
     report.add_units(units)
     report.seconds += time.perf_counter() - t0
