@@ -1,4 +1,5 @@
-"""The benchmark script runs end to end on CPU at its tiny size and writes a complete report."""
+"""The benchmark script runs end to end on CPU at its tiny size and writes a complete report, or
+the sections asked for."""
 
 import re
 import subprocess
@@ -12,12 +13,20 @@ pytestmark = pytest.mark.real
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_tiny_writes_every_section(tmp_path):
+def _bench(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _tiny_report(tmp_path, *args: str) -> str:
     out = tmp_path / "BENCH.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--size", "tiny", "--out", str(out),
-                           "--max-workers", "2"], capture_output=True, text=True, timeout=600)
+    proc = _bench("--size", "tiny", "--out", str(out), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_bench_tiny_writes_every_section(tmp_path):
+    text = _tiny_report(tmp_path, "--max-workers", "2")
     for heading in ("Targets", "a. Per-candidate fitness cost", "b. Evaluator throughput", "c. Ray scaling",
                     "d. Search efficiency", "e. Peak memory", "f. Kernel choices, side by side"):
         assert f"## {heading}" in text
@@ -30,3 +39,15 @@ def test_bench_tiny_writes_every_section(tmp_path):
     params = float(re.search(r"parameters alone: (\d+) MiB", text).group(1))
     loaded = float(re.search(r"\| loading an evaluator \| (\d+) \|", text).group(1))
     assert loaded >= params  # the process held at least the parameters
+
+
+def test_bench_runs_only_the_sections_asked(tmp_path):
+    text = _tiny_report(tmp_path, "--sections", "f")
+    assert "--sections f" in text and "## f. Kernel choices, side by side" in text
+    assert "## a. Per-candidate" not in text and "## c. Ray scaling" not in text and "## d. Search" not in text
+    assert len(re.findall(r"\| not run \|", text)) == 4  # no section asked measures a target
+
+
+def test_bench_refuses_unknown_sections():
+    proc = _bench("--sections", "ax", timeout=120)
+    assert proc.returncode == 2 and "--sections 'ax'" in proc.stderr
