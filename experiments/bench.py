@@ -226,12 +226,11 @@ def kernel_choices(ev: Evaluator, repeats: int) -> list[dict]:
         return run
 
     pairs = [("k-th lowest score per row (50% of each row)",
-              "torch.topk", lambda: [torch.topk(s, k, dim=-1, largest=False, sorted=False).values.amax(-1)
-                                     for s, k in zip(scores, half)],
+              "torch.topk", lambda: [masks.topk_kth(s, k) for s, k in zip(scores, half)],
               "numpy introselect (CPU)" if ev.lm.device.type == "cpu" else "torch.topk (as chosen off CPU)",
               lambda: [masks._kth_lowest(s, k) for s, k in zip(scores, half)]),
              ("2:4 masks",
-              "topk selection per group", lambda: [_topk_lowest(g, 2) for g in groups],
+              "topk selection per group", lambda: [masks.tie_break(g, masks.topk_kth(g, 2), 2) for g in groups],
               "stable ranks by column", lambda: [masks._stable_ranks(g) < 2 for g in groups]),
              ("zeroing the pruned weights, then restoring",
               "masked_fill_", zero_with(lambda w, m: w.masked_fill_(m, 0)),
@@ -251,14 +250,6 @@ def kernel_choices(ev: Evaluator, repeats: int) -> list[dict]:
         rows.append({"what": what, "base": base_name, "chosen": chosen_name, "base_ms": median_ms(times["base"]),
                      "chosen_ms": median_ms(times["chosen"])})
     return rows
-
-
-def _topk_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k lowest per row by torch.topk with the stable tie pass (the selection masks used
-    before stable ranks), as the baseline."""
-    kth = torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
-    below, at = scores < kth, scores == kth
-    return below | (at & (at.cumsum(dim=-1) <= k - below.sum(dim=-1, keepdim=True)))
 
 
 def main(argv=None) -> None:

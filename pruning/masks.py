@@ -47,6 +47,12 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         # every row has at least k scores <= its k-th lowest, so k per row is the total's k * rows
         if int(at_most.sum()) == k * scores.shape[0]:
             return at_most
+    return tie_break(scores, kth, k)
+
+
+def tie_break(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """The k lowest per row given each row's k-th lowest score: all below it, then the leftmost
+    of those equal to it."""
     below = scores < kth
     at = scores == kth
     room = k - below.sum(dim=-1, keepdim=True)  # how many of the tied scores are pruned
@@ -60,6 +66,11 @@ def _kth_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64, torch.float16):
         part = np.partition(scores.detach().numpy(), k - 1, axis=-1)
         return torch.from_numpy(np.ascontiguousarray(part[:, k - 1 : k]))
+    return topk_kth(scores, k)
+
+
+def topk_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the k-th lowest score, as a column, by torch.topk (any device)."""
     return torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
 
 
@@ -109,7 +120,6 @@ def check_pattern_fits(shapes: dict[str, torch.Size], nm: tuple[int, int] | None
             f"N:M pattern {nm[0]}:{nm[1]} does not divide the input width of {len(bad)} unit(s): "
             + ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         )
-
 
 
 def packed(mask: torch.Tensor) -> torch.Tensor:
