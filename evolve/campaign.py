@@ -3,8 +3,9 @@
 ```
 <runs_dir>/<name>-<YYYYmmdd-HHMMSS>/
   config.json        the resolved configuration (what --resume runs)
-  checkpoint.pkl     after every generation: engine state (population, hall of fame, logbook,
-                     RNG states, generation) + config; plain data, written atomically
+  checkpoint.json    after every generation: engine state (population, hall of fame, logbook,
+                     RNG states, generation) + config; plain JSON data (never a pickle: run
+                     directories are shared, and reading one must not run code), written atomically
   history.csv        one row per generation (HISTORY_COLUMNS)
   hall_of_fame.csv   the hall of fame after the last completed generation (HOF_COLUMNS)
   evaluations.csv    every measurement: status and reason of failures (EVAL_COLUMNS)
@@ -19,29 +20,32 @@ from __future__ import annotations
 import csv
 import io
 import json
-import pickle
 import time
 from functools import partial
 from pathlib import Path
 
 from rich.console import Console
 
+from prunerzero.core.paths import atomic_write_text
 from prunerzero.fitness.cache import FitnessCache
-from prunerzero.fitness.evaluator import EvalSpec
 from prunerzero.fitness.pool import Backend, RayBackend, SerialBackend
-from prunerzero.paths import atomic_write_bytes, atomic_write_text
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.pruning.candidates import label
 
 from .config import BackendConfig, CampaignConfig, ConfigError, from_dict
 from .engine import Engine
 from .evaluation import FitnessMap
+from .problems import make_problem
 
 HISTORY_COLUMNS = ["generation", "best_fitness", "median_fitness", "best_formula", "best_key", "unique",
                    "offspring", "evaluations", "cache_hits", "cache_hit_rate", "phenotype_hits", "rejected", "clones", "failed", "eval_windows",
                    "eval_seconds", "wall_seconds"]
-HOF_COLUMNS = ["rank", "fitness", "windows", "formula", "key", "generation", "size", "depth"]
-EVAL_COLUMNS = ["generation", "key", "formula", "windows", "perplexity", "status", "reason", "seconds", "cached",
+HOF_COLUMNS = ["rank", "fitness", "windows", "formula", "key", "generation"]  # + the problem's columns
+EVAL_COLUMNS = ["generation", "key", "formula", "windows", "value", "status", "reason", "seconds", "cached",
                 "same_masks"]
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = "checkpoint.json"
+LEGACY_CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT_VERSION = 2
 
 
 def evaluator_factory(spec: EvalSpec):
@@ -109,25 +113,63 @@ def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Cons
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
+    """The run's checkpoint as plain data, or None before its first generation. A checkpoint that
+    does not parse or does not have the expected fields is an error naming the file; a pickled
+    checkpoint of an earlier version is refused unread (unpickling runs code)."""
     path = Path(run_dir) / CHECKPOINT
-    return pickle.loads(path.read_bytes()) if path.is_file() else None
+    if not path.is_file():
+        legacy = Path(run_dir) / LEGACY_CHECKPOINT
+        if legacy.is_file():
+            raise ConfigError(f"{legacy}: a pickled checkpoint of an earlier prunerzero; it is not read, because "
+                              "unpickling a file can run code. Start the campaign again, or convert a checkpoint "
+                              "you trust with experiments/convert_checkpoint.py")
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid checkpoint ({e}); remove it to restart the campaign from scratch") from None
+    _check_checkpoint(state, path)
+    return state
+
+
+def _check_checkpoint(state, path: Path) -> None:
+    engine = state.get("engine") if isinstance(state, dict) else None
+    problems = []
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        problems.append(f"version must be {CHECKPOINT_VERSION}")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        problems.append("no config table")
+    if not isinstance(engine, dict):
+        problems.append("no engine state")
+    else:
+        expected = {"generation": int, "population": list, "hall_of_fame": list, "logbook": list,
+                    "first_seen": dict, "rng": dict}
+        problems += [f"engine.{k} must be a {t.__name__}" for k, t in expected.items() if not isinstance(engine.get(k), t)]
+    if problems:
+        raise ConfigError(f"{path}: not a valid checkpoint ({'; '.join(problems)}); "
+                          "remove it to restart the campaign from scratch")
 
 
 def _run(config: CampaignConfig, run_dir: Path, state: dict | None, backend: Backend | None,
          console: Console | None) -> Path:
     console = console or Console(highlight=False)
     spec = config.eval_spec()
+    problem = make_problem(config)
     own = backend is None
     backend = backend or make_backend(config.backend, evaluator_factory(spec))
     try:
         fitness = FitnessMap(backend, FitnessCache(config.cache or None), spec.cache_key(),
                              config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
-        engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness))
+        engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness), problem=problem)
         if state:
-            engine.load_state_dict(state["engine"])
+            try:
+                engine.load_state_dict(state["engine"])
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise ConfigError(f"{run_dir / CHECKPOINT}: its engine state does not load ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); remove it to restart the campaign from scratch") from None
         _truncate_evaluations(run_dir, engine.generation)
-        console.print(f"[bold]{config.name}[/]: {spec.model} on {spec.corpus} ({spec.split}), "
-                      f"{spec.pattern} {spec.sparsity:g}, {config.protocol.describe()} → {run_dir}")
+        console.print(f"[bold]{config.name}[/]: {problem.name} search, {spec.model} on {spec.corpus} ({spec.split}), "
+                      f"{spec.describe_target()}, fitness {spec.fitness}, {config.protocol.describe()} → {run_dir}")
         while not engine.done:
             record = engine.step()
             _append_evaluations(run_dir, engine.generation, fitness.take_log())
@@ -161,16 +203,18 @@ def progress_line(r: dict, generations: int) -> str:
 def _save(run_dir: Path, config: CampaignConfig, engine: Engine) -> None:
     """Checkpoint first: history and hall of fame are derived from it, so a kill in between
     leaves nothing that a resume would not rewrite."""
-    state = {"version": 1, "config": config.to_dict(), "engine": engine.state_dict()}
-    atomic_write_bytes(run_dir / CHECKPOINT, pickle.dumps(state))
+    state = {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "engine": engine.state_dict()}
+    atomic_write_text(run_dir / CHECKPOINT, json.dumps(state, separators=(",", ":")) + "\n")
     atomic_write_text(run_dir / "history.csv", _csv(HISTORY_COLUMNS, list(engine.logbook)))
-    atomic_write_text(run_dir / "hall_of_fame.csv", _csv(HOF_COLUMNS, hall_of_fame_rows(engine)))
+    atomic_write_text(run_dir / "hall_of_fame.csv",
+                      _csv(HOF_COLUMNS + list(engine.problem.columns), hall_of_fame_rows(engine)))
 
 
 def hall_of_fame_rows(engine: Engine) -> list[dict]:
+    problem = engine.problem
     return [{"rank": rank, "fitness": ind.fitness.values[1], "windows": int(ind.fitness.values[0]),
-             "formula": str(ind), "key": ind.key, "generation": engine.first_seen.get(ind.key, ""),
-             "size": len(ind), "depth": ind.height}
+             "formula": problem.describe(ind), "key": ind.key, "generation": engine.first_seen.get(ind.key, ""),
+             **problem.fields(ind)}
             for rank, ind in enumerate(engine.hof, start=1)]
 
 
@@ -189,9 +233,9 @@ def _append_evaluations(run_dir: Path, generation: int, log: list) -> None:
         writer = csv.writer(f, lineterminator="\n")
         if new:
             writer.writerow(EVAL_COLUMNS)
-        for key, formula, m in log:
+        for key, candidate, m in log:
             r = m.result
-            writer.writerow([generation, key, formula, m.windows, r.perplexity, r.status, r.reason,
+            writer.writerow([generation, key, label(candidate), m.windows, r.value, r.status, r.reason,
                              f"{r.seconds:.3f}", int(m.cached), int(not m.cached and not r.measured)])
 
 

@@ -7,44 +7,52 @@ it back, so a resumed campaign runs exactly the configuration it started with.
 
 ```toml
 name = "smoke"
-[eval]       # what a candidate is scored on (the search split is always "valid")
+[eval]       # what a candidate is scored on: model, corpus, mode, fitness (the split is always "valid")
+[target]     # the mode's budget: sparsity, pattern, group for "unstructured" (pruning/modes.py)
 [protocol]   # measurement protocol overrides: seq_len, calib_windows, eval_windows, seed, ...
-[search]     # GP: population, generations, operators, limits, seed ...
+[search]     # the engine: problem ("metric": GP; "allocation": GA), population, generations, seed ...
+[problem]    # the problem's own options (the allocation's metric, levels, step ...)
 [backend]    # "serial" or "ray": workers, resources per worker, retries, address
 [fidelity]   # successive halving on evaluation windows (rungs = 1: off)
 ```
+Earlier configs wrote the unstructured target into `[eval]` (sparsity, pattern, group); they
+are read as `[target]` still.
 """
 
 from __future__ import annotations
 
 import tomllib
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prunerzero.fitness.evaluator import EvalSpec
-from prunerzero.protocol import Protocol
+from prunerzero.core.fields import build
+from prunerzero.core.protocol import Protocol
+from prunerzero.fitness.spec import EvalSpec
 
 from .problem import operator_set
+from .problems import PROBLEMS
 
 
 class ConfigError(ValueError):
     """An invalid campaign configuration; the message names the offending key."""
 
 
+LEGACY_TARGET_KEYS = ("sparsity", "pattern", "group")  # [eval] keys of the unstructured target before modes
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     model: str = "smollm2-135m"  # "toy" selects the cheap synthetic evaluator (evolve/toy.py)
     corpus: str = "austen"
-    sparsity: float = 0.5
-    pattern: str = "unstructured"
-    group: str = "row"
+    mode: str = "unstructured"  # the pruning mode the candidates are scored under
+    fitness: str = "perplexity"  # or "kl" (to the dense model's next-token distribution)
     device: str = "auto"
     dtype: str = "auto"
 
 
 @dataclass(frozen=True)
 class SearchConfig:
+    problem: str = "metric"  # what is evolved: "metric" (GP over trees) or "allocation" (GA; evolve/problems.py)
     population: int = 50
     generations: int = 20
     tournament: int = 3
@@ -63,6 +71,8 @@ class SearchConfig:
     seed: int = 0
 
     def check(self) -> None:
+        _require(self.problem in PROBLEMS, "search.problem",
+                 f"unknown problem {self.problem!r}; problems: {', '.join(PROBLEMS)}")
         _require(self.population >= 2, "search.population", "must be at least 2")
         _require(self.generations >= 0, "search.generations", "must be >= 0")
         _require(1 <= self.tournament <= self.population, "search.tournament", "must be in [1, population]")
@@ -117,8 +127,10 @@ class CampaignConfig:
     runs_dir: str = "results/runs"
     cache: str = ""  # fitness cache file; "" = the shared default under the prunerzero cache dir
     eval: EvalConfig = field(default_factory=EvalConfig)
+    target: dict = field(default_factory=dict)  # the mode's target fields
     protocol: Protocol = field(default_factory=Protocol)
     search: SearchConfig = field(default_factory=SearchConfig)
+    problem: dict = field(default_factory=dict)  # the problem's options
     backend: BackendConfig = field(default_factory=BackendConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
@@ -127,15 +139,17 @@ class CampaignConfig:
         for part in (self.search, self.backend, self.fidelity):
             part.check()
         try:
-            self.eval_spec()
+            spec = self.eval_spec()
         except ValueError as e:
-            raise ConfigError(f"eval: {e}") from None
+            where = "" if str(e).startswith("target") else "eval: "
+            raise ConfigError(f"{where}{e}") from None
+        object.__setattr__(self, "target", dict(spec.target))  # defaults filled in: the resolved config
         _require(self.protocol.eval_windows >= self.fidelity.eta ** (self.fidelity.rungs - 1),
                  "fidelity.rungs", "leaves less than one evaluation window on the first rung")
 
     def eval_spec(self) -> EvalSpec:
         """What a candidate's fitness is measured on. A search only ever sees the valid split."""
-        return EvalSpec(**asdict(self.eval), split="valid", protocol=self.protocol)
+        return EvalSpec(**asdict(self.eval), target=self.target, split="valid", protocol=self.protocol)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,40 +169,24 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _build(cls, table: dict, where: str):
-    """An instance of the dataclass `cls` from a TOML table, checking keys and value types."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    values = {}
-    for key, value in table.items():
-        path = f"{where}.{key}" if where else key
-        if key not in known:
-            raise ConfigError(f"{path}: unknown key; known: {', '.join(sorted(known))}")
-        kind = hints[key]
-        if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
-            values[key] = _build(kind, value, path)
-        else:
-            values[key] = _check_type(value, kind, path)
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except ValueError as e:  # a validator of a nested type (Protocol, EvalSpec)
-        raise ConfigError(f"{where or 'config'}: {e}") from None
-
-
-def _check_type(value, kind, path: str):
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind in (int, str, bool) and type(value) is kind:
-        return value
-    raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}")
-
-
 def from_dict(data: dict) -> CampaignConfig:
-    return _build(CampaignConfig, data, "")
+    return build(CampaignConfig, _legacy_target(data), "", ConfigError)
+
+
+def _legacy_target(data: dict) -> dict:
+    """Move an earlier version's [eval] sparsity / pattern / group into [target]."""
+    if not isinstance(data, dict) or not isinstance(data.get("eval"), dict):
+        return data
+    moved = {k: data["eval"][k] for k in LEGACY_TARGET_KEYS if k in data["eval"]}
+    if not moved:
+        return data
+    target = data.get("target") or {}
+    if not isinstance(target, dict):
+        return data
+    both = sorted(set(moved) & set(target))
+    if both:
+        raise ConfigError(f"eval.{both[0]}: given in [eval] and in [target]; write it in [target] only")
+    return {**data, "eval": {k: v for k, v in data["eval"].items() if k not in moved}, "target": {**moved, **target}}
 
 
 def load_config(path: str | Path) -> CampaignConfig:

@@ -1,19 +1,23 @@
-"""The evolution loop. It calls toolbox aliases only (DEAP's machinery does the work) and one
-fitness function; it knows nothing of models, files or Ray.
+"""The evolution loop. It calls toolbox aliases and its problem's methods only (DEAP's machinery
+does the work) and one fitness function; it knows nothing of models, files or Ray.
 
-A generation: tournament selection, `varAnd` (subtree crossover; point or subtree mutation),
-both under static depth and size limits; Opposing Operation Simplification of every changed
-offspring (a rejected one is redrawn at random); fitness of the new ones; elites from the hall
-of fame carried over unchanged.
+The engine takes a *problem* (evolve/problems.py): GP over metric trees is one, a GA over
+fixed-length genomes another. A generation: tournament selection, `varAnd` (the problem's
+crossover and mutation), `problem.prepare` on every changed offspring (OOS for trees, repair for
+genomes; a rejected one is redrawn at random), fitness of the new ones, the clone penalty, and
+elites from the hall of fame carried over unchanged.
 
 Reproducibility. Every random draw of the search happens inside `_rng()`, which swaps the
 engine's own `random` state in and out: whatever else consumes Python's global `random`
 (Ray, a library, a cache hit that skips work) cannot shift the search, so the same seed gives
-the same campaign on any backend, and `state_dict` / `load_state_dict` resume it exactly.
+the same campaign on any backend, and `state_dict` / `load_state_dict` resume it exactly. The
+state is plain data (JSON): population and hall of fame as the problem encodes them, the
+logbook, and the RNG states as numbers.
 """
 
 from __future__ import annotations
 
+import base64
 import random
 import statistics
 import time
@@ -22,43 +26,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from deap import algorithms, base, gp, tools
+from deap import algorithms, tools
 
-from prunerzero.fitness.evaluator import WORST_FITNESS
-from prunerzero.primitives.metric import Metric
+from prunerzero.core.results import WORST_FITNESS
 
 from .config import SearchConfig
 from .evaluation import Measured
-from .problem import Individual, from_node, from_string, height, operator_set, primitive_set, to_node
-from .simplify import simplify
+from .problem import MetricProblem
 
-FitnessFn = Callable[[list[tuple[str, str]]], list[Measured]]
-
-
-def mutate(individual, expr, pset, point_prob: float):
-    """Point mutation (one node replaced by another of the same arity) or subtree mutation."""
-    if random.random() < point_prob:
-        return gp.mutNodeReplacement(individual, pset)
-    return gp.mutUniform(individual, expr, pset)
-
-
-def make_toolbox(search: SearchConfig) -> base.Toolbox:
-    pset = primitive_set(search.operators)
-    tb = base.Toolbox()
-    tb.register("expr", gp.genHalfAndHalf, pset=pset, min_=search.init_min_depth, max_=search.init_max_depth)
-    tb.register("individual", tools.initIterate, Individual, tb.expr)
-    tb.register("population", tools.initRepeat, list, tb.individual)
-    tb.register("select", tools.selTournament, tournsize=search.tournament)
-    tb.register("mate", gp.cxOnePoint)
-    tb.register("expr_mut", gp.genFull, min_=0, max_=2)
-    tb.register("mutate", mutate, expr=tb.expr_mut, pset=pset, point_prob=search.point_mutation)
-    for op in ("mate", "mutate"):
-        tb.decorate(op, gp.staticLimit(key=height, max_value=search.max_depth))
-        tb.decorate(op, gp.staticLimit(key=len, max_value=search.max_size))
-    ops = frozenset(operator_set(search.operators))
-    tb.register("simplify", lambda ind: simplify(to_node(ind), ops, search.max_depth, search.max_size))
-    tb.register("from_node", from_node, pset=pset)
-    return tb
+FitnessFn = Callable[[list[tuple[str, str | dict]]], list[Measured]]
 
 
 def _same_key(a, b) -> bool:
@@ -66,17 +42,20 @@ def _same_key(a, b) -> bool:
 
 
 class Engine:
-    def __init__(self, search: SearchConfig, fitness: FitnessFn, extra_stats: Callable[[], dict] = dict):
-        """`extra_stats()` is called once per generation; its fields join the logbook record."""
+    def __init__(self, search: SearchConfig, fitness: FitnessFn, extra_stats: Callable[[], dict] = dict,
+                 problem=None):
+        """`extra_stats()` is called once per generation; its fields join the logbook record.
+        `problem`: what is evolved (default: metric trees, the GP of Pruner-Zero)."""
         self.search, self.fitness, self.extra_stats = search, fitness, extra_stats
-        self.toolbox = make_toolbox(search)
+        self.problem = problem or MetricProblem(search)
+        self.toolbox = self.problem.toolbox()
         self.population: list = []
         self.hof = tools.HallOfFame(search.hall_of_fame, similar=_same_key)
         self.logbook = tools.Logbook()
         self.generation = -1  # the last completed generation
         self.first_seen: dict[str, int] = {}  # canonical key -> generation it was first evaluated
         self.rng_state = random.Random(search.seed).getstate()
-        # per generation: OOS rejections, individuals needing fitness, phenotypic clones penalised
+        # per generation: rejections, individuals needing fitness, phenotypic clones penalised
         self._rejected = self._offspring = self._clones = 0
 
     @property
@@ -100,8 +79,9 @@ class Engine:
         if self.generation < 0:
             np.random.seed(self.search.seed)
             torch.manual_seed(self.search.seed)
+            seeds = [self.toolbox.clone(s) for s in self.problem.seeds()][: self.search.population]
             with self._rng():
-                offspring = self.toolbox.population(n=self.search.population)
+                offspring = seeds + self.toolbox.population(n=self.search.population - len(seeds))
             elites = []
         else:
             elites = [self.toolbox.clone(h) for h in self.hof[: self.search.elites]]
@@ -109,7 +89,7 @@ class Engine:
                 parents = self.toolbox.select(self.population, len(self.population) - len(elites))
                 offspring = algorithms.varAnd(parents, self.toolbox, self.search.cx_prob, self.search.mut_prob)
         self.generation += 1
-        offspring = self._simplify(offspring)
+        offspring = self._prepare_all(offspring)
         self._evaluate(offspring)
         if self.search.clone_penalty:
             self._penalise_clones(offspring)
@@ -117,49 +97,49 @@ class Engine:
         self.hof.update(self.population)
         return self._record(time.perf_counter() - start)
 
-    def _simplify(self, individuals: list) -> list:
-        """OOS on every individual without a valid fitness; redraw the rejected ones."""
+    def _prepare_all(self, individuals: list) -> list:
+        """Prepare every individual without a valid fitness; redraw the rejected ones."""
         out = []
         for ind in individuals:
             if not ind.fitness.valid:
                 self._offspring += 1
-                ind = self._oos(ind)
+                ind = self._prepare(ind)
             out.append(ind)
         return out
 
-    def _oos(self, ind):
-        outcome = self.toolbox.simplify(ind)
+    def _prepare(self, ind):
+        outcome = self.problem.prepare(ind)
         for _ in range(self.search.max_redraws):
             if outcome.ok:
                 break
             self._rejected += 1
             with self._rng():
                 ind = self.toolbox.individual()
-            outcome = self.toolbox.simplify(ind)
-        if outcome.ok:
-            new = self.toolbox.from_node(outcome.tree)
-            new.key = outcome.key
-            return new
-        self._rejected += 1
-        ind.key = outcome.key
-        ind.fitness.values = (0, WORST_FITNESS)  # still rejected after the redraws: never evaluated
+            outcome = self.problem.prepare(ind)
+        ind = outcome.individual
+        if not outcome.ok:
+            self._rejected += 1
+            ind.fitness.values = (0, WORST_FITNESS)  # still rejected after the redraws: never evaluated
         return ind
+
+    _oos = _prepare  # the metric problem's preparation is Opposing Operation Simplification
 
     def _evaluate(self, individuals: list) -> None:
         todo = [ind for ind in individuals if not ind.fitness.valid]
-        measured = self.fitness([(ind.key, str(ind)) for ind in todo])
+        measured = self.fitness([(ind.key, self.problem.candidate(ind)) for ind in todo])
         for ind, m in zip(todo, measured):
             ind.fitness.values = (m.windows, m.result.fitness)
             self.first_seen.setdefault(ind.key, self.generation)
 
     def _penalise_clones(self, offspring: list) -> None:
-        """Phenotypic de-duplication. Pruning depends only on the order a metric puts weights in,
-        so different formulas with the same order (abs(W), sqrt(W), tanh(abs(W)) …) measure
-        exactly the same perplexity; left alone, such clones fill the population and end the
-        search's diversity. An offspring whose fitness equals a hall-of-fame member's or a
-        smaller offspring's gets the worst fitness for selection (the cache keeps the true one)."""
+        """Phenotypic de-duplication. Pruning depends only on what a candidate does to the model,
+        and different candidates often do the same (abs(W), sqrt(W), tanh(abs(W)) order weights
+        alike) and so measure exactly the same fitness; left alone, such clones fill the
+        population and end the search's diversity. An offspring whose fitness equals a
+        hall-of-fame member's or a smaller offspring's gets the worst fitness for selection (the
+        cache keeps the true one)."""
         seen = {h.fitness.values for h in self.hof}
-        for ind in sorted(offspring, key=len):  # stable: the smallest of equals keeps its fitness
+        for ind in sorted(offspring, key=self.problem.size):  # stable: the smallest of equals keeps its fitness
             values = ind.fitness.values
             if values[1] >= WORST_FITNESS:
                 continue
@@ -172,13 +152,13 @@ class Engine:
     def _record(self, wall_s: float) -> dict:
         best = self.hof[0]
         # the median of what was measured: penalised clones and rejects would make it meaningless
-        perplexities = [v for v in (ind.fitness.values[1] for ind in self.population) if v < WORST_FITNESS] \
+        values = [v for v in (ind.fitness.values[1] for ind in self.population) if v < WORST_FITNESS] \
             or [WORST_FITNESS]
         record = {
             "generation": self.generation,
             "best_fitness": best.fitness.values[1],
-            "median_fitness": statistics.median(perplexities),
-            "best_formula": str(best),
+            "median_fitness": statistics.median(values),
+            "best_formula": self.problem.describe(best),
             "best_key": best.key,
             "unique": len({ind.key for ind in self.population}),
             "offspring": self._offspring,
@@ -193,31 +173,50 @@ class Engine:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Plain data (strings, numbers, RNG states): readable without DEAP's creator classes."""
+        """Plain data (strings, numbers, lists): JSON, readable without DEAP's creator classes."""
+        encode = self.problem.encode
         return {
+            "problem": self.problem.name,
             "generation": self.generation,
-            "population": [(str(i), tuple(i.fitness.values)) for i in self.population],
-            "hall_of_fame": [(str(i), tuple(i.fitness.values)) for i in self.hof],
-            "logbook": list(self.logbook),
+            "population": [[encode(i), list(i.fitness.values)] for i in self.population],
+            "hall_of_fame": [[encode(i), list(i.fitness.values)] for i in self.hof],
+            "logbook": [dict(r) for r in self.logbook],
             "first_seen": dict(self.first_seen),
-            "rng": {"python": self.rng_state, "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": rng_to_data(self.rng_state),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("problem", self.problem.name) != self.problem.name:
+            raise ValueError(f"the checkpoint is of problem {state['problem']!r}, the campaign's is {self.problem.name!r}")
         self.generation = state["generation"]
-        self.population = [self._individual(f, v) for f, v in state["population"]]
+        self.population = [self._individual(d, v) for d, v in state["population"]]
         self.hof.clear()
-        for f, v in reversed(state["hall_of_fame"]):  # best last: insert() then keeps the order
-            self.hof.insert(self._individual(f, v))
+        for d, v in reversed(state["hall_of_fame"]):  # best last: insert() then keeps the order
+            self.hof.insert(self._individual(d, v))
         self.logbook = tools.Logbook()
         self.logbook.extend(state["logbook"])
         self.first_seen = dict(state["first_seen"])
-        self.rng_state = state["rng"]["python"]
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        self.rng_state = rng_from_data(state["rng"])
 
-    def _individual(self, formula: str, values: tuple):
-        ind = from_string(formula, primitive_set(self.search.operators))
-        ind.key = Metric(formula, to_node(ind)).key
-        ind.fitness.values = values
+    def _individual(self, data, values):
+        ind = self.problem.decode(data)
+        ind.fitness.values = tuple(values)
         return ind
+
+
+def rng_to_data(python_state) -> dict:
+    """The search's RNG states as JSON data: Python's (the search), numpy's and torch's global ones."""
+    version, internal, gauss = python_state
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def rng_from_data(data: dict):
+    """Set numpy's and torch's global states from `rng_to_data`'s output; return Python's."""
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(data["torch"])), dtype=torch.uint8))
+    version, internal, gauss = data["python"]
+    return (version, tuple(internal), gauss)

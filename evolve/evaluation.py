@@ -1,7 +1,8 @@
 """From candidates to fitness: de-duplication, the persistent cache, the backend, and optional
 successive halving on the evaluation-window budget.
 
-The engine hands over (canonical key, formula) pairs and gets one `Measured` per pair. A key is
+The engine hands over (canonical key, candidate) pairs — the candidate as plain data, an
+expression string or a dict (pruning/candidates.py) — and gets one `Measured` per pair. A key is
 measured once per call however often it occurs; a key already in the cache is not measured at
 all. With `rungs > 1`, candidates not yet known on the full budget are first measured on
 `full / eta^(rungs-1)` windows; the best `1/eta` (ties broken by key: deterministic) go on to
@@ -20,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from prunerzero.fitness.cache import FitnessCache
-from prunerzero.fitness.evaluator import FitnessResult
+from prunerzero.core.results import FitnessResult
 from prunerzero.fitness.pool import Backend, Job
 
 
@@ -39,20 +40,20 @@ class FitnessMap:
         self.budgets = [max(1, full_windows // eta ** (rungs - 1 - r)) for r in range(rungs)]
         self.eta = eta
         self.stats: Counter = Counter()  # evaluations, cache_hits, phenotype_hits, windows, eval_seconds, failed
-        self._phenotypes: dict[int, dict[str, float]] = {}  # windows -> mask fingerprint -> perplexity
-        self.log: list[tuple[str, str, Measured]] = []  # (key, formula, measurement) per measurement
+        self._phenotypes: dict[int, dict[str, float]] = {}  # windows -> fingerprint -> value
+        self.log: list[tuple[str, str | dict, Measured]] = []  # (key, candidate, measurement) per measurement
 
     def take_stats(self) -> Counter:
         """The counters since the last call (one generation's worth)."""
         out, self.stats = self.stats, Counter()
         return out
 
-    def take_log(self) -> list[tuple[str, str, Measured]]:
+    def take_log(self) -> list[tuple[str, str | dict, Measured]]:
         out, self.log = self.log, []
         return out
 
-    def __call__(self, candidates: list[tuple[str, str]]) -> list[Measured]:
-        formulas = dict(candidates)  # key -> formula, first occurrence kept, order preserved
+    def __call__(self, candidates: list[tuple[str, str | dict]]) -> list[Measured]:
+        formulas = dict(candidates)  # key -> candidate (the last given), in order of first occurrence
         done = self._lookup(list(formulas), self.full_windows)
         self._record(done, formulas)
         survivors = [k for k in formulas if k not in done]
@@ -74,7 +75,7 @@ class FitnessMap:
         self.stats["cache_hits"] += len(hits)
         return {k: Measured(windows, r, cached=True) for k, r in hits.items()}
 
-    def _measure(self, keys: list[str], formulas: dict[str, str], windows: int) -> dict[str, Measured]:
+    def _measure(self, keys: list[str], formulas: dict[str, str | dict], windows: int) -> dict[str, Measured]:
         out = self._lookup(keys, windows) if windows != self.full_windows else {}
         todo = [k for k in keys if k not in out]
         max_windows = None if windows == self.full_windows else windows
@@ -100,5 +101,5 @@ class FitnessMap:
             self._phenotypes[windows] = cached
         return self._phenotypes[windows]
 
-    def _record(self, measured: dict[str, Measured], formulas: dict[str, str]) -> None:
+    def _record(self, measured: dict[str, Measured], formulas: dict[str, str | dict]) -> None:
         self.log.extend((k, formulas[k], m) for k, m in measured.items())

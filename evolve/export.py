@@ -12,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from prunerzero.paths import atomic_write_text
+from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import Metric
 
 from .config import from_dict
@@ -33,9 +33,9 @@ def provenance(run_dir: Path, row: dict) -> dict:
         "campaign": f"{config.name} (run {Path(run_dir).name})",
         "model": spec.model,
         "corpus": spec.corpus,
-        "target": f"{spec.pattern} sparsity {spec.sparsity:g}, comparison group {spec.group}",
+        "target": spec.describe_target(),
         "protocol": f"{config.protocol.describe()} (fingerprint {config.protocol.fingerprint()})",
-        "fitness": f"perplexity {float(row['fitness']):.6g} on the {spec.split} split, {row['windows']} windows",
+        "fitness": f"{spec.fitness} {float(row['fitness']):.6g} on the {spec.split} split, {row['windows']} windows",
         "generation": row["generation"],
         "hall of fame rank": row["rank"],
     }
@@ -46,6 +46,10 @@ def export_run(run_dir: str | Path, top: int = 5, out_dir: str | Path = "results
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config = from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() else None
+    if config is not None and config.search.problem != "metric":
+        raise ValueError(f"{run_dir} evolved {config.search.problem!r} candidates, not metrics: its hall of fame "
+                         "(hall_of_fame.csv) is the result; there is no metric to export")
     paths = []
     for row in read_hall_of_fame(run_dir)[:top]:
         metric_id = f"{run_dir.name}-{row['rank']}"

@@ -1,7 +1,8 @@
-"""The GP problem: DEAP primitive set over W, G, X, the individual type, and tree conversions.
+"""The GP problem: DEAP primitive set over W, G, X, the individual type, tree conversions, and
+`MetricProblem` — the problem the engine runs to evolve metrics (problems.py lists the others).
 
 This module only *defines* the problem (as DEAP's symbreg example does); the loop lives in
-`engine.py` and calls toolbox aliases only.
+`engine.py` and calls toolbox aliases and the problem's methods only.
 
 Operator sets
 -------------
@@ -24,13 +25,18 @@ Mutation never *creates* constants; it may replace one by a terminal.
 from __future__ import annotations
 
 import operator
+import random
+from dataclasses import dataclass
 from functools import lru_cache
 
-from deap import base, creator, gp
+from deap import base, creator, gp, tools
 
 from prunerzero.primitives.expression import Node, parse
+from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.operators import OPERATORS
 from prunerzero.primitives.terminals import TERMINALS
+
+from .simplify import simplify
 
 OPERATOR_SETS: dict[str, tuple[str, ...]] = {
     "pruner-zero": ("add", "sub", "mul", "div", "abs", "neg", "sqr", "sqrt", "log", "exp",
@@ -99,3 +105,85 @@ def from_string(text: str, pset: gp.PrimitiveSet) -> Individual:
 
 
 height = operator.attrgetter("height")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An offspring made ready for evaluation: the individual to evaluate (with its `.key`), or
+    why it is rejected without an evaluation."""
+
+    individual: object
+    rejected: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+
+def mutate(individual, expr, pset, point_prob: float):
+    """Point mutation (one node replaced by another of the same arity) or subtree mutation."""
+    if random.random() < point_prob:
+        return gp.mutNodeReplacement(individual, pset)
+    return gp.mutUniform(individual, expr, pset)
+
+
+class MetricProblem:
+    """GP over metric trees (Pruner-Zero): ramped half-and-half trees, one-point crossover, point
+    and subtree mutation under static depth and size limits; Opposing Operation Simplification
+    prepares every offspring (a rejected one is redrawn by the engine)."""
+
+    name = "metric"
+    columns = ("size", "depth")  # its own hall-of-fame columns
+
+    def __init__(self, search, options: dict | None = None):
+        if options:
+            raise ValueError(f"problem 'metric' takes no [problem] options, got {sorted(options)}")
+        self.search = search
+        self.pset = primitive_set(search.operators)
+        self.ops = frozenset(operator_set(search.operators))
+
+    def toolbox(self) -> base.Toolbox:
+        s, pset = self.search, self.pset
+        tb = base.Toolbox()
+        tb.register("expr", gp.genHalfAndHalf, pset=pset, min_=s.init_min_depth, max_=s.init_max_depth)
+        tb.register("individual", tools.initIterate, Individual, tb.expr)
+        tb.register("population", tools.initRepeat, list, tb.individual)
+        tb.register("select", tools.selTournament, tournsize=s.tournament)
+        tb.register("mate", gp.cxOnePoint)
+        tb.register("expr_mut", gp.genFull, min_=0, max_=2)
+        tb.register("mutate", mutate, expr=tb.expr_mut, pset=pset, point_prob=s.point_mutation)
+        for op in ("mate", "mutate"):
+            tb.decorate(op, gp.staticLimit(key=height, max_value=s.max_depth))
+            tb.decorate(op, gp.staticLimit(key=len, max_value=s.max_size))
+        return tb
+
+    def seeds(self) -> list:
+        return []  # from scratch, as Pruner-Zero
+
+    def prepare(self, ind) -> Prepared:
+        """OOS: the simplified tree replaces the offspring; its canonical form is the key."""
+        outcome = simplify(to_node(ind), self.ops, self.search.max_depth, self.search.max_size)
+        if outcome.ok:
+            ind = from_node(outcome.tree, self.pset)
+        ind.key = outcome.key
+        return Prepared(ind, outcome.rejected)
+
+    def candidate(self, ind) -> str:
+        return str(ind)
+
+    def describe(self, ind) -> str:
+        return str(ind)
+
+    def size(self, ind) -> int:
+        return len(ind)
+
+    def fields(self, ind) -> dict:
+        return {"size": len(ind), "depth": ind.height}
+
+    def encode(self, ind) -> str:
+        return str(ind)
+
+    def decode(self, data: str):
+        ind = from_string(data, self.pset)
+        ind.key = Metric(data, to_node(ind)).key
+        return ind

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.fitness.perplexity import nll_sum
 from prunerzero.fitness.pool import Job, RayBackend
-from prunerzero.paths import atomic_write_text
+from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import resolve_metric
-from prunerzero.protocol import Protocol
+from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.apply import unit_scores
 from prunerzero.pruning.masks import select_mask, zero_masked
 

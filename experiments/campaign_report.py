@@ -116,15 +116,23 @@ def baseline_lines(rows: list[tuple[str, str, float]], hof: pd.DataFrame) -> lis
     return lines + [""]
 
 
+def _target(config: dict) -> str:
+    from prunerzero.evolve.config import from_dict
+
+    return from_dict(config).eval_spec().describe_target()
+
+
 def report(run_dir: Path, board: pd.DataFrame, baselines: list[str] = ()) -> str:
-    config = json.loads((run_dir / "config.json").read_text())
+    from prunerzero.evolve.config import from_dict
+
+    config = from_dict(json.loads((run_dir / "config.json").read_text())).to_dict()  # earlier versions' too
     history = pd.read_csv(run_dir / "history.csv")
     hof = pd.read_csv(run_dir / "hall_of_fame.csv")
     ev, p, s, b = config["eval"], config["protocol"], config["search"], config["backend"]
     plot_history(history, run_dir / "history.png")
     lines = [f"# Campaign {run_dir.name}", "",
-             f"Search: {ev['model']} on {ev['corpus']} (valid split), {ev['pattern']} {ev['sparsity']:g} per {ev['group']}; "
-             f"fitness = perplexity on {p['eval_windows']}x{p['seq_len']} valid tokens, statistics from "
+             f"Search: {ev['model']} on {ev['corpus']} (valid split), {_target(config)}; "
+             f"fitness = {ev['fitness']} on {p['eval_windows']}x{p['seq_len']} valid tokens, statistics from "
              f"{p['calib_windows']}x{p['seq_len']} train tokens ({p['stats_mode']}), seed {p['seed']}.",
              f"Population {s['population']}, {s['generations']} generations, operators `{s['operators']}`, "
              f"tournament {s['tournament']}, crossover {s['cx_prob']}, mutation {s['mut_prob']}, depth <= {s['max_depth']}, "

@@ -18,7 +18,7 @@ import pandas as pd
 
 from prunerzero.evolve.campaign import evaluator_factory, run_campaign
 from prunerzero.evolve.config import from_dict, load_config
-from prunerzero.paths import atomic_write_text
+from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import Metric
 
 

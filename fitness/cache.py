@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
 from pathlib import Path
 
-from prunerzero.fitness.evaluator import FitnessResult
-from prunerzero.paths import cache_dir
+from prunerzero.core.results import FitnessResult
+from prunerzero.core.paths import cache_dir
 
 _INIT_TRIES = 50
 CACHEABLE = ("ok", "failed")  # statuses a retry would reproduce; "lost" (infrastructure) is not
@@ -36,7 +36,7 @@ _TYPES = {"phenotype": "TEXT NOT NULL DEFAULT ''", "measured": "INTEGER NOT NULL
 
 
 def _result(row: tuple) -> FitnessResult:
-    # SQLite stores NaN as NULL (a failed result's perplexity and sparsity) and bools as 0/1
+    # SQLite stores NaN as NULL (a failed result's value and sparsity) and bools as 0/1
     r = FitnessResult(*(math.nan if v is None else v for v in row))
     return replace(r, measured=bool(r.measured))
 
@@ -99,9 +99,9 @@ class FitnessCache:
             return db.total_changes - before
 
     def phenotypes(self, spec: str, windows: int) -> dict[str, float]:
-        """Mask fingerprint → perplexity of every successful measurement on this budget."""
+        """Fingerprint → value of every successful measurement on this budget."""
         with self._connect() as db:
-            rows = db.execute("SELECT phenotype, perplexity FROM fitness WHERE spec = ? AND windows = ? "
+            rows = db.execute("SELECT phenotype, value FROM fitness WHERE spec = ? AND windows = ? "
                               "AND status = 'ok' AND phenotype != ''", (spec, windows)).fetchall()
         return dict(rows)
 
@@ -111,8 +111,12 @@ class FitnessCache:
 
 
 def _add_missing_columns(db) -> None:
-    """Bring a cache written by an earlier version up to the current columns."""
+    """Bring a cache written by an earlier version up to the current columns (the value column
+    was called perplexity before fitness measures other than perplexity existed)."""
     have = {row[1] for row in db.execute("PRAGMA table_info(fitness)")}
+    if "perplexity" in have and "value" not in have:
+        db.execute("ALTER TABLE fitness RENAME COLUMN perplexity TO value")
+        have = (have - {"perplexity"}) | {"value"}
     for column in _COLUMNS:
         if column not in have:
             db.execute(f"ALTER TABLE fitness ADD COLUMN {column} {_TYPES[column]}")

@@ -3,7 +3,8 @@
 - `SerialBackend`: one evaluator in this process (debugging; no Ray).
 - `RayBackend`: evaluator actors, each built once from a picklable factory (e.g.
   `functools.partial(Evaluator, spec)`), so the model and its statistics load once per actor.
-  Candidates travel as expression strings and go to whichever actor is free, driven by a
+  Candidates travel as plain data (an expression string, or a dict of a candidate kind:
+  pruning/candidates.py) and go to whichever actor is free, driven by a
   bounded `ray.wait` loop (one evaluation in flight per actor) rather than ActorPool, so that
   a dead actor is this code's decision: it is replaced and its candidate retried up to
   `retries` times, then recorded as lost with the reason.
@@ -26,17 +27,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
-from prunerzero.fitness.evaluator import FitnessResult
-from prunerzero.primitives.metric import Metric
+from prunerzero.core.results import FitnessResult
+from prunerzero.pruning.candidates import decode, label
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Job:
-    key: str  # the metric's canonical key (results are reported under it)
-    expression: str
+    key: str  # the candidate's canonical key (results are reported under it)
+    candidate: str | dict  # plain data: a metric expression, or {"kind": ..., ...}
     max_windows: int | None = None  # None: the protocol's full evaluation budget
+
+    @property
+    def expression(self) -> str:
+        """The candidate as one line (the expression of a metric)."""
+        return label(self.candidate)
 
 
 class Backend(Protocol):
@@ -67,7 +73,7 @@ class EvaluatorHost:
     def evaluate(self, job: Job, known: Mapping[str, float] | None = None) -> FitnessResult:
         start = time.perf_counter()
         try:
-            result = self.evaluator.evaluate(Metric.from_expression(job.expression), job.max_windows, known)
+            result = self.evaluator.evaluate(decode(job.candidate), job.max_windows, known)
         except Exception as e:  # the evaluator should never raise; if it does, it is data
             return FitnessResult(job.key, math.nan, "failed", f"{type(e).__name__}: {e}",
                                  time.perf_counter() - start)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,13 @@ class ModelAdapter:
         ]
         self.units: list[PrunableUnit] = [unit for units, _ in found for unit in units]
         self._taps: list[InputTap] = [tap for _, taps in found for tap in taps]
+
+    @cached_property
+    def structure(self):
+        """Heads, KV heads, MLP channels, experts, sublayers and blocks (models/structure.py)."""
+        from .structure import ModelStructure
+
+        return ModelStructure(self)
 
     def prunable(self, roles: Iterable[str] = DEFAULT_PRUNED_ROLES) -> list[PrunableUnit]:
         roles = _check_roles(roles)

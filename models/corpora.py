@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prunerzero.paths import atomic_write_bytes, cache_dir
+from prunerzero.core.paths import atomic_write_bytes, cache_dir
 import torch
 
 SPLITS = ("train", "valid", "test")

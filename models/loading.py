@@ -77,3 +77,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model.to(dev).eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, path=src, model=model, tokenizer=tokenizer, device=dev, dtype=dt)
+
+
+def count_blocks(name: str) -> int:
+    """The number of decoder blocks of a model, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_source(name))
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return int(config.num_hidden_layers)

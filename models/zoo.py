@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunerzero.paths import cache_dir
+from prunerzero.core.paths import cache_dir
 
 
 class ZooError(RuntimeError):

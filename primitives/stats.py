@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from prunerzero.paths import atomic_write_bytes, atomic_write_text, cache_dir
+from prunerzero.core.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 
 @dataclass

@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from prunerzero.cli_evolve import evolve_app
-from prunerzero.protocol import Protocol
+from prunerzero.core.protocol import Protocol
+from prunerzero.pruning.modes import MODES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Discover LLM pruning metrics by genetic programming and apply them.")
@@ -53,6 +54,20 @@ Seed = Annotated[int, typer.Option(help="Seed of the calibration window sampling
 StatsMode = Annotated[str, typer.Option(help="one-shot (dense statistics) or sequential (block by block).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
+ModeOpt = Annotated[str, typer.Option("--mode", help=f"Pruning mode: {', '.join(MODES)}.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="A field of the mode's target, KEY=VALUE (repeatable), for fields without an option of their own.")]
+
+
+def _target_fields(mode: str, given: dict, assignments: list[str] | None) -> dict:
+    """The target fields the user gave: dedicated options (None when not given) and --set pairs."""
+    from prunerzero.core.fields import parse_assignments
+    from prunerzero.pruning.modes import get_mode
+
+    the_mode = get_mode(mode)
+    fields = {k: v for k, v in given.items() if v is not None}
+    fields |= parse_assignments(the_mode.target, assignments or [], "--set", ValueError)
+    return fields
 
 
 def _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode) -> Protocol:
@@ -98,7 +113,8 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
              seq_len: SeqLen = 1024, eval_windows: EvalWindows = 128, device: Device = "auto",
              dtype: Dtype = "auto") -> None:
     """Perplexity of a (dense or already pruned) model."""
-    from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+    from prunerzero.fitness.evaluator import Evaluator
+    from prunerzero.fitness.spec import EvalSpec
 
     protocol = Protocol(seq_len=seq_len, eval_windows=eval_windows, calib_windows=1)
     ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype))
@@ -110,21 +126,25 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
 @friendly_errors
 def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the pruned model in.")],
               model: Model = "smollm2-135m",
-              metric: Annotated[str, typer.Option(help="Built-in name, expression, file.py[:fn] or 'sparsegpt'.")] = "wanda",
-              sparsity: Annotated[float, typer.Option(help="Fraction pruned (unstructured).")] = 0.5,
-              pattern: Annotated[str, typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = "unstructured",
-              group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
+              metric: Annotated[str, typer.Option(help="Built-in name, expression, file.py[:fn], or a method of the mode (e.g. sparsegpt).")] = "wanda",
+              mode: ModeOpt = "unstructured",
+              sparsity: Annotated[Optional[float], typer.Option(help="Fraction pruned (unstructured; default 0.5).")] = None,
+              pattern: Annotated[Optional[str], typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = None,
+              group: Annotated[Optional[str], typer.Option(help="Comparison group: row or layer.")] = None,
+              set_: SetOpt = None,
               corpus: Corpus = "austen", seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128,
               eval_windows: EvalWindows = 128, seed: Seed = 0, stats_mode: StatsMode = "one-shot",
               measure: Annotated[bool, typer.Option(help="Measure dense and pruned test perplexity.")] = True,
               device: Device = "auto", dtype: Dtype = "auto") -> None:
-    """Prune a model with a metric and save it (loadable with from_pretrained)."""
+    """Prune a model in one mode with a metric (or a method of the mode) and save it."""
     from prunerzero.jobs import prune_and_save
-    from prunerzero.pruning.target import PruneTarget
+    from prunerzero.pruning.modes import get_mode
 
-    target = PruneTarget(sparsity=sparsity, pattern=pattern, group=group)
+    fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group}, set_)
+    target = get_mode(mode).make_target(fields, "target")
+    get_mode(mode).candidate(metric)  # a bad metric fails before the model loads
     prune_and_save(model, metric, target, out, corpus, _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode),
-                   device, dtype, measure, log=log)
+                   device, dtype, measure, log=log, mode=mode)
 
 
 @app.command("leaderboard")
@@ -132,24 +152,37 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
 def leaderboard_cmd(
         model: Model = "smollm2-135m", corpus: Corpus = "austen",
         metrics: Annotated[str, typer.Option(help="Comma-separated metrics/methods.")] = "magnitude,wanda,ria,pruner-zero,sparsegpt",
-        sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities for unstructured.")] = "0.5",
-        pattern: Annotated[str, typer.Option(help="Comma-separated patterns.")] = "unstructured,2:4",
+        mode: ModeOpt = "unstructured",
+        sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities (unstructured mode).")] = "0.5",
+        pattern: Annotated[str, typer.Option(help="Comma-separated patterns (unstructured mode).")] = "unstructured,2:4",
         group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
+        set_: SetOpt = None,
         split: Annotated[str, typer.Option(help="Split the rows are measured on.")] = "test",
         seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128, eval_windows: EvalWindows = 128,
         seed: Seed = 0, stats_mode: StatsMode = "one-shot", device: Device = "auto", dtype: Dtype = "auto",
         csv: Annotated[Path, typer.Option(help="Leaderboard CSV to update.")] = Path("results/leaderboard.csv"),
         show_only: Annotated[bool, typer.Option("--show", help="Only print the CSV, evaluate nothing.")] = False,
+        speed: Annotated[bool, typer.Option(help="Also measure prefill latency, tokens/s and decode tokens/s "
+                                                 "of each pruned model beside the dense model's.")] = False,
+        speed_batch: Annotated[int, typer.Option(help="Batch of the speed measurement.")] = 1,
+        speed_seq_len: Annotated[int, typer.Option(help="Prompt length of the speed measurement.")] = 256,
         plot: Annotated[Optional[Path], typer.Option(help="Also write a bar chart (PNG) of the table.")] = None) -> None:
     """Evaluate metrics under one protocol, update the leaderboard CSV and print the table."""
     from prunerzero import leaderboard
-    from prunerzero.jobs import leaderboard_rows
+    from prunerzero.jobs import SpeedProtocol, leaderboard_rows, unstructured_targets
 
     if not show_only:
-        sparsities = [float(s) for s in _split_list(sparsity)]
         protocol = _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode)
-        leaderboard_rows(model, corpus, _split_list(metrics), sparsities, _split_list(pattern), group, protocol,
-                         split, device, dtype, log=log, on_row=lambda row: leaderboard.append([row], csv))
+        if mode == "unstructured":
+            targets = unstructured_targets([_number(s, "--sparsity") for s in _split_list(sparsity)],
+                                           _split_list(pattern), group)
+            targets = [t | _target_fields(mode, {}, set_) for t in targets]
+        else:
+            targets = [_target_fields(mode, {}, set_)]
+        timing = SpeedProtocol(speed_batch, speed_seq_len) if speed else None
+        leaderboard_rows(model, corpus, _split_list(metrics), protocol=protocol, split=split, device=device,
+                         dtype=dtype, log=log, on_row=lambda row: leaderboard.append([row], csv), mode=mode,
+                         targets=targets, speed=timing)
     df = leaderboard.read(csv)
     print_table(df)
     if plot:
@@ -157,16 +190,29 @@ def leaderboard_cmd(
         log(f"plot written to {plot}")
 
 
+def _number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{option}: {text!r} is not a number") from None
+
+
 def print_table(df) -> None:
     table = Table(title="prunerzero leaderboard")
-    cols = ["metric", "model", "corpus", "split", "pattern", "sparsity", "perplexity", "dense_perplexity",
-            "achieved_sparsity", "eval_tokens"]
+    cols = ["metric", "model", "corpus", "split", "mode", "budget", "perplexity", "dense_perplexity",
+            "achieved_sparsity", "params", "eval_tokens"]
     for c in cols:
         table.add_column(c.replace("_", " "), justify="left" if c in ("metric", "model", "corpus") else "right",
                          overflow="fold")
     for _, r in df.iterrows():
-        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        table.add_row(*[_cell(r[c]) for c in cols])
     Console(width=max(Console().width, 140)).print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if value != value else (f"{value:.0f}" if value.is_integer() and abs(value) >= 1e4 else f"{value:.3f}")
+    return str(value)
 
 
 app.add_typer(evolve_app)  # no name: `evolve` and `export` join the top level

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import time
-from dataclasses import asdict
-from prunerzero import __version__
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prunerzero import __version__
+from prunerzero.core.protocol import Protocol
+from prunerzero.fitness import speed as speed_of
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
-from prunerzero.primitives.metric import resolve_metric
-from prunerzero.protocol import Protocol
-from prunerzero.pruning.methods import resolve_method
+from prunerzero.pruning.candidates import Method
+from prunerzero.pruning.modes import get_mode
 from prunerzero.pruning.target import PruneTarget
 
 
-def _metric_or_method(spec: str):
-    """(name, formula, key, thing to prune with) for a metric spec or a method name."""
-    if resolve_method(spec) is not None:
-        name = spec.strip().lower()
-        return name, f"<method {name}>", f"method:{name}", name
-    metric = resolve_metric(spec)
-    return metric.name, metric.formula, metric.key, metric
+def _candidate(mode, spec: str):
+    """(name, formula, key, candidate) for a metric spec or one of the mode's method names."""
+    thing = mode.candidate(spec)
+    name = thing.name if isinstance(thing, Method) else getattr(thing, "name", spec)
+    return name, thing.formula, thing.key, thing
 
 
 def _device_name(ev: Evaluator) -> str:
@@ -33,40 +33,90 @@ def _device_name(ev: Evaluator) -> str:
     return f"cpu x{torch.get_num_threads()} ({str(ev.lm.dtype).replace('torch.', '')})"
 
 
-def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: list[float], patterns: list[str],
-                     group: str = "row", protocol: Protocol | None = None, split: str = "test",
-                     device: str = "auto", dtype: str = "auto", log=print, on_row=None) -> list[dict]:
-    """Evaluate every (metric, pattern, sparsity) under one protocol; one row each (see
-    prunerzero.leaderboard.COLUMNS). N:M patterns ignore `sparsities` (their sparsity is 1 - N/M)."""
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def unstructured_targets(sparsities, patterns, group: str = "row") -> list[dict]:
+    """Targets of the unstructured mode: each unstructured sparsity, and each N:M pattern once."""
+    out = []
+    for pattern in patterns:
+        if pattern.strip().lower() == "unstructured":
+            out += [asdict(PruneTarget(s, "unstructured", group)) for s in sparsities]
+        else:
+            out.append(asdict(PruneTarget(0.0, pattern, group)))
+    return out
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    """How speed is measured beside perplexity: prefill of (batch, seq_len) test tokens and
+    `decode_tokens` greedy tokens with the KV cache after it, `repeats` interleaved repeats."""
+
+    batch: int = 1
+    seq_len: int = 256
+    repeats: int = 5
+    decode_tokens: int = 16
+
+    def columns(self, dense, pruned, windows) -> dict:
+        ids = windows[: self.batch, : self.seq_len]
+        if ids.shape != (self.batch, self.seq_len):
+            raise ValueError(f"speed needs {self.batch} windows of {self.seq_len} tokens; the split gives {tuple(windows.shape)}")
+        got = speed_of.compare({"dense": dense, "pruned": pruned}, ids, self.repeats, 1, self.decode_tokens)
+        d, p = got["dense"], got["pruned"]
+        return {"latency_ms": p.prefill_ms, "dense_latency_ms": d.prefill_ms,
+                "tokens_per_s": p.prefill_tokens_per_s, "dense_tokens_per_s": d.prefill_tokens_per_s,
+                "decode_tokens_per_s": p.decode_tokens_per_s, "dense_decode_tokens_per_s": d.decode_tokens_per_s}
+
+
+def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: list[float] | None = None,
+                     patterns: list[str] | None = None, group: str = "row", protocol: Protocol | None = None,
+                     split: str = "test", device: str = "auto", dtype: str = "auto", log=print, on_row=None,
+                     mode: str = "unstructured", targets: list[dict] | None = None,
+                     speed: SpeedProtocol | None = None) -> list[dict]:
+    """Evaluate every (metric or method, target) of one mode under one protocol; one row each (see
+    prunerzero.leaderboard.COLUMNS). Unstructured targets may be given as `sparsities` x
+    `patterns` (N:M patterns ignore `sparsities`: their sparsity is 1 - N/M). With `speed`, each
+    pruned model's prefill and decode speed is measured beside the dense model's (interleaved)."""
     protocol = protocol or Protocol()
-    resolved = [_metric_or_method(m) for m in metrics]  # fail on a bad metric before loading anything
-    targets = _targets(sparsities, patterns, group)
-    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype),
-                   log=log)
+    the_mode = get_mode(mode)
+    if targets is None:
+        targets = unstructured_targets(sparsities or [0.5], patterns or ["unstructured"], group)
+    resolved_targets = [the_mode.make_target(t) for t in targets]  # bad input fails before loading anything
+    resolved = [_candidate(the_mode, m) for m in metrics]
+    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype,
+                            mode=mode, target=targets[0]), log=log)
     dense = ev.measure()
+    dense_params = count_params(ev.model)
     log(f"dense perplexity {dense.perplexity:.3f} on {dense.tokens} {split} tokens")
     ev.stats(frozenset().union(*(getattr(t, "needs", ()) for *_, t in resolved)))  # one calibration pass for all
     rows = []
     for name, formula, key, thing in resolved:
-        for target in targets:
+        for target in resolved_targets:
             t0 = time.perf_counter()
             try:
                 report = ev.prune(thing, target)
                 ppl = ev.measure()
+                params = count_params(ev.model)
+                pruned = copy.deepcopy(ev.model) if speed else None
             finally:
                 ev.restore()
+            timing = speed.columns(ev.model, pruned, ev.windows) if speed else {}
             row = {
                 "metric": name, "formula": formula, "key": key, "model": model, "corpus": corpus,
                 "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
-                "stats_mode": "sequential" if resolve_method(thing) else protocol.stats_mode, "split": split,
-                "sparsity": round(target.expected_sparsity, 6), "pattern": target.pattern, "group": target.group,
+                "stats_mode": getattr(thing, "stats_mode", "") or protocol.stats_mode, "split": split,
+                "mode": mode, "budget": target.describe(),
+                "sparsity": round(getattr(target, "expected_sparsity", float("nan")), 6),
+                "pattern": getattr(target, "pattern", ""), "group": getattr(target, "group", ""),
                 "perplexity": ppl.perplexity, "dense_perplexity": dense.perplexity,
-                "achieved_sparsity": report.sparsity, "calib_tokens": int(ev.calibration.numel()),
-                "eval_tokens": ppl.tokens, "seed": protocol.seed, "version": __version__,
-                "device": _device_name(ev), "seconds": round(time.perf_counter() - t0, 2),
+                "achieved_sparsity": report.sparsity, "params": params, "dense_params": dense_params,
+                **timing, **report.extra,
+                "calib_tokens": int(ev.calibration.numel()), "eval_tokens": ppl.tokens, "seed": protocol.seed,
+                "version": __version__, "device": _device_name(ev), "seconds": round(time.perf_counter() - t0, 2),
                 "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            log(f"{name:>14} {target.describe():>28}: perplexity {ppl.perplexity:.3f} "
+            log(f"{name:>14} {mode} {target.describe():>28}: perplexity {ppl.perplexity:.3f} "
                 f"(sparsity {report.sparsity:.4f}, {row['seconds']}s)")
             rows.append(row)
             if on_row:
@@ -74,36 +124,32 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
     return rows
 
 
-def _targets(sparsities, patterns, group) -> list[PruneTarget]:
-    out = []
-    for pattern in patterns:
-        if pattern.strip().lower() == "unstructured":
-            out += [PruneTarget(s, "unstructured", group) for s in sparsities]
-        else:
-            out.append(PruneTarget(0.0, pattern, group))
-    return out
-
-
-def prune_and_save(model: str, metric: str, target: PruneTarget, out: Path, corpus: str = "austen",
+def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "austen",
                    protocol: Protocol | None = None, device: str = "auto", dtype: str = "auto",
-                   measure: bool = True, log=print) -> dict:
-    """Prune a model with a metric or method and save it so `from_pretrained` loads it;
-    the per-unit sparsity report goes beside it as prune_report.csv."""
+                   measure: bool = True, log=print, mode: str = "unstructured") -> dict:
+    """Prune a model with a metric or one of the mode's methods and save it so `from_pretrained`
+    loads it (or, for a mode that changes the model's shape, as that mode saves it); the
+    per-unit report goes beside it as prune_report.csv."""
     protocol = protocol or Protocol()
-    name, formula, key, thing = _metric_or_method(metric)
-    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split="test", protocol=protocol, device=device, dtype=dtype),
-                   log=log)
+    the_mode = get_mode(mode)
+    target = target if not isinstance(target, dict) else the_mode.make_target(target)
+    name, formula, key, thing = _candidate(the_mode, metric)
+    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split="test", protocol=protocol, device=device, dtype=dtype,
+                            mode=mode, target=asdict(target)), log=log)
     dense = ev.measure() if measure else None
-    report = ev.prune(thing, target)
+    report = ev.prune(thing)
     pruned = ev.measure() if measure else None
     out = Path(out)
-    ev.model.save_pretrained(out)
+    if the_mode.save is not None:
+        the_mode.save(ev.ctx, report, out)
+    else:
+        ev.model.save_pretrained(out)
     ev.lm.tokenizer.save_pretrained(out)
     report.table().to_csv(out / "prune_report.csv", index=False)
-    summary = {"metric": name, "formula": formula, "key": key, "target": asdict(target),
-               "achieved_sparsity": report.sparsity, "out": str(out),
+    summary = {"metric": name, "formula": formula, "key": key, "mode": mode, "target": asdict(target),
+               "budget": target.describe(), "achieved_sparsity": report.sparsity, "out": str(out),
                "dense_perplexity": dense.perplexity if dense else None,
                "perplexity": pruned.perplexity if pruned else None}
-    log(f"pruned {model} with {name} ({target.describe()}): sparsity {report.sparsity:.4f}"
+    log(f"pruned {model} with {name} ({mode}: {target.describe()}): sparsity {report.sparsity:.4f}"
         + (f", perplexity {dense.perplexity:.3f} -> {pruned.perplexity:.3f}" if measure else "") + f"; saved to {out}")
     return summary

@@ -1,9 +1,14 @@
-"""The leaderboard: one CSV of results, one row per (metric, model, corpus, protocol, split,
-sparsity, pattern, comparison group).
+"""The leaderboard: one CSV of results, one row per (metric or method, model, corpus, protocol,
+split, mode, budget).
 
 Rule for re-runs: a row whose identity (IDENTITY columns) matches an existing row replaces it, so
 re-running never duplicates a row and the file always holds the latest measurement. Appends are
 atomic (temporary file + os.replace) under an exclusive lock, so concurrent writers lose nothing.
+
+Reading validates: every row must have its identity and a number where a number belongs; a
+damaged file (a text value in a perplexity cell, a row torn at a field boundary) is an error
+naming the line, and nothing is written over it. A file of an earlier version (before modes:
+no `mode` and `budget` columns) is read as unstructured rows and upgraded on the next write.
 """
 
 from __future__ import annotations
@@ -15,14 +20,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from prunerzero.paths import atomic_write_text
+from prunerzero.core.paths import atomic_write_text
 
 COLUMNS = [
     "metric", "formula", "key", "model", "corpus", "protocol", "protocol_id", "stats_mode", "split",
-    "sparsity", "pattern", "group", "perplexity", "dense_perplexity", "achieved_sparsity",
-    "calib_tokens", "eval_tokens", "seed", "version", "device", "seconds", "timestamp",
+    "mode", "budget", "sparsity", "pattern", "group", "perplexity", "dense_perplexity", "achieved_sparsity",
+    "params", "dense_params", "tokens_per_s", "dense_tokens_per_s", "latency_ms", "dense_latency_ms",
+    "decode_tokens_per_s", "dense_decode_tokens_per_s", "peak_mem_mb", "calib_tokens", "eval_tokens", "seed", "version", "device", "seconds", "timestamp",
 ]
-IDENTITY = ["key", "model", "corpus", "protocol_id", "split", "sparsity", "pattern", "group"]
+IDENTITY = ["key", "model", "corpus", "protocol_id", "split", "mode", "budget"]
+REQUIRED = IDENTITY + ["metric", "perplexity"]
+NUMERIC = ["sparsity", "perplexity", "dense_perplexity", "achieved_sparsity", "params", "dense_params",
+           "tokens_per_s", "dense_tokens_per_s", "latency_ms", "dense_latency_ms", "decode_tokens_per_s",
+           "dense_decode_tokens_per_s", "peak_mem_mb",
+           "calib_tokens", "eval_tokens", "seed", "seconds"]
 DEFAULT_PATH = Path("results/leaderboard.csv")
 
 
@@ -31,13 +42,56 @@ class LeaderboardError(ValueError):
 
 
 def read(path: Path = DEFAULT_PATH) -> pd.DataFrame:
-    if not Path(path).is_file():
+    """The leaderboard as a table of COLUMNS, validated; an earlier version's file upgraded."""
+    path = Path(path)
+    if not path.is_file():
         return pd.DataFrame(columns=COLUMNS)
-    df = pd.read_csv(path, dtype={"protocol_id": str, "key": str})
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise LeaderboardError(f"{path}: not a readable leaderboard CSV ({str(e).strip()}); fix or move it") from None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=COLUMNS)
     unknown = set(df.columns) - set(COLUMNS)
     if unknown:
         raise LeaderboardError(f"{path}: unknown column(s) {sorted(unknown)}; expected {COLUMNS}")
-    return df.reindex(columns=COLUMNS)
+    df = _upgrade(df.reindex(columns=COLUMNS, fill_value=""))
+    _validate(df, path)
+    for c in NUMERIC:
+        df[c] = pd.to_numeric(df[c].replace("", None), errors="coerce")
+    return df
+
+
+def _upgrade(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before modes existed are unstructured rows whose budget is their target."""
+    from prunerzero.pruning.target import PruneTarget
+
+    old = df["mode"] == ""
+    if old.any():
+        df.loc[old, "mode"] = "unstructured"
+        df.loc[old, "budget"] = [
+            _old_budget(PruneTarget, r) for _, r in df.loc[old, ["sparsity", "pattern", "group"]].iterrows()]
+    return df
+
+
+def _old_budget(target_cls, r) -> str:
+    try:
+        return target_cls(float(r["sparsity"] or 0), r["pattern"] or "unstructured", r["group"] or "row").describe()
+    except ValueError:
+        return ""  # _validate names the line
+
+
+def _validate(df: pd.DataFrame, path: Path) -> None:
+    for i, r in df.iterrows():
+        line = i + 2  # the header is line 1
+        empty = [c for c in REQUIRED if str(r[c]).strip() == ""]
+        if empty:
+            raise LeaderboardError(f"{path}, line {line}: row without {empty} (a torn or damaged row); "
+                                   "fix or remove it — nothing was written")
+        for c in NUMERIC:
+            if str(r[c]).strip() and pd.isna(pd.to_numeric(r[c], errors="coerce")) and r[c].lower() != "nan":
+                raise LeaderboardError(f"{path}, line {line}: column {c!r} holds {r[c]!r:.40}, not a number; "
+                                       "fix or remove the row — nothing was written")
 
 
 @contextmanager
@@ -53,7 +107,10 @@ def _locked(path: Path):
 
 def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """Rows of `new` replace rows of `old` with the same identity; order: old rows first."""
-    both = pd.concat([old.reindex(columns=COLUMNS), new.reindex(columns=COLUMNS)], ignore_index=True)
+    frames = [f.reindex(columns=COLUMNS) for f in (old, new) if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    both = pd.concat(frames, ignore_index=True)
     ident = both[IDENTITY].astype(str).agg("|".join, axis=1)
     return both[~ident.duplicated(keep="last")].reset_index(drop=True)
 
@@ -63,8 +120,9 @@ def append(rows: list[dict], path: Path = DEFAULT_PATH) -> pd.DataFrame:
     missing = [c for c in IDENTITY if any(c not in r for r in rows)]
     if missing:
         raise LeaderboardError(f"leaderboard rows lack identity column(s) {missing}")
+    new = _upgrade(pd.DataFrame(rows).reindex(columns=COLUMNS).fillna({"mode": "", "budget": ""}))
     with _locked(path):
-        merged = merge(read(path), pd.DataFrame(rows))
+        merged = merge(read(path), new)
         buf = io.StringIO()
         merged.to_csv(buf, index=False)
         atomic_write_text(path, buf.getvalue())
@@ -72,8 +130,8 @@ def append(rows: list[dict], path: Path = DEFAULT_PATH) -> pd.DataFrame:
 
 
 def best(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """The lowest-perplexity row per setting (model, corpus, protocol, split, pattern, sparsity)."""
-    by = by or ["model", "corpus", "protocol_id", "split", "pattern", "sparsity", "group"]
+    """The lowest-perplexity row per setting (model, corpus, protocol, split, mode, budget)."""
+    by = by or ["model", "corpus", "protocol_id", "split", "mode", "budget"]
     return df.loc[df.groupby(by, dropna=False)["perplexity"].idxmin()].reset_index(drop=True)
 
 
@@ -82,22 +140,26 @@ def _label(name: str, width: int = 28) -> str:
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
-    """Horizontal bars of perplexity per metric, one panel per (pattern, sparsity), dense dashed."""
+    """Horizontal bars of perplexity per metric, one panel per (mode, budget), dense dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = list(df.groupby(["pattern", "sparsity"], sort=True))
+    df = df.copy()
+    if "mode" not in df or "budget" not in df:  # a bare table of an earlier version
+        df["mode"] = "unstructured"
+        df["budget"] = [f"{p}, sparsity {s:g}" for p, s in zip(df["pattern"], df["sparsity"])]
+    settings = list(df.groupby(["mode", "budget"], sort=True))
     rows_max = max((len(rows) for _, rows in settings), default=1)
     fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(6.5 * max(len(settings), 1), 0.9 + 0.32 * rows_max),
                              squeeze=False)
-    for ax, ((pattern, sparsity), rows) in zip(axes[0], settings):
+    for ax, ((mode, budget), rows) in zip(axes[0], settings):
         rows = rows.sort_values("perplexity", ascending=False)
         ax.barh([_label(m) for m in rows["metric"]], rows["perplexity"], color="tab:blue")
         ax.axvline(rows["dense_perplexity"].iloc[0], color="black", linestyle="--", label="dense")
         ax.set_xscale("log")
-        ax.set_title(f"{pattern}, sparsity {sparsity:g}")
+        ax.set_title(f"{mode}: {budget}")
         ax.set_xlabel("perplexity (lower is better)")
         ax.legend(loc="lower right")
     fig.tight_layout()

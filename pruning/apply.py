@@ -1,6 +1,6 @@
-"""Metric-driven weight pruning (unstructured and N:M) applied in place, and the exact way back.
-
-Shape shared by every pruning mode: (model adapter, statistics, metric, target) → report.
+"""The unstructured mode: weights zeroed in place by a metric (per output row, per layer, or N:M),
+with one-shot or sequential statistics; SparseGPT as its method; a per-block sparsity allocation
+and given masks as its other candidates. And the exact way back for weights: `DenseSnapshot`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import time
 
 import torch
 
+from .candidates import Allocation, MaskSet, Method
 from .masks import check_pattern_fits, select_mask, zero_masked
 from .sequential import run_sequential
+from .sparsegpt import prune_sparsegpt
 from .target import PruneReport, PruneTarget
 
 
@@ -40,9 +42,11 @@ def unit_scores(metric, unit, stats) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_with_metric(units, stats, metric, target: PruneTarget, report: PruneReport | None = None) -> PruneReport:
+def prune_with_metric(units, stats, metric, target: PruneTarget, report: PruneReport | None = None,
+                      sparsity_of: dict[int, float] | None = None) -> PruneReport:
     """Zero, in every unit, the weights the metric scores lowest within each comparison group.
-    With `report`, the units are added to it (sequential pruning's one report for all blocks)."""
+    With `report`, the units are added to it (sequential pruning's one report for all blocks).
+    `sparsity_of`: block index -> sparsity, overriding the target's (an allocation)."""
     check_pattern_fits({u.name: u.shape for u in units}, target.nm)
     missing = [t for t in metric.needs if not stats.has(t)]
     if missing:
@@ -51,7 +55,8 @@ def prune_with_metric(units, stats, metric, target: PruneTarget, report: PruneRe
     if report is None:
         report = PruneReport(target=target, method=getattr(metric, "name", str(metric)))
     for unit in units:
-        mask = select_mask(unit_scores(metric, unit, stats), target.sparsity, target.nm, target.group, unit.name)
+        sparsity = sparsity_of[unit.block] if sparsity_of else target.sparsity
+        mask = select_mask(unit_scores(metric, unit, stats), sparsity, target.nm, target.group, unit.name)
         zero_masked(unit.weight, mask)
         report.add_mask(unit.name, mask)
     report.add_units(units)
@@ -60,7 +65,8 @@ def prune_with_metric(units, stats, metric, target: PruneTarget, report: PruneRe
 
 
 def prune_with_metric_sequential(model, adapter, windows: torch.Tensor, metric, target: PruneTarget,
-                                 dense_stats=None, batch_size: int = 8) -> PruneReport:
+                                 dense_stats=None, batch_size: int = 8,
+                                 sparsity_of: dict[int, float] | None = None) -> PruneReport:
     """Metric pruning with sequential statistics: block i's X comes from the outputs of blocks
     0..i-1 as already pruned (official Wanda's schedule). G, when the metric needs it, is the
     dense model's (as GBLM-Pruner and Pruner-Zero compute it)."""
@@ -75,9 +81,67 @@ def prune_with_metric_sequential(model, adapter, windows: torch.Tensor, metric, 
             run_block()
         units = adapter.block_units(i)
         stats = LayerStats(X=x_for_units(units, acc), G=dense_stats.G if dense_stats else {})
-        prune_with_metric(units, stats, metric, target, report)
+        prune_with_metric(units, stats, metric, target, report, sparsity_of)
 
     check_pattern_fits({u.name: u.shape for u in adapter.prunable()}, target.nm)
     run_sequential(model, adapter, windows, process_block, batch_size)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@torch.no_grad()
+def prune_with_masks(units, masks, target: PruneTarget) -> PruneReport:
+    """Zero the weights given masks mark (True = pruned); units without a mask stay dense."""
+    unknown = sorted(set(masks) - {u.name for u in units})
+    if unknown:
+        raise ValueError(f"masks for unknown unit(s) {unknown[:3]}")
+    report = PruneReport(target=target, method="masks")
+    given = [u for u in units if u.name in masks]
+    for unit in given:
+        mask = masks[unit.name].to(unit.weight.device, torch.bool)
+        if mask.shape != unit.shape:
+            raise ValueError(f"mask for {unit.name} has shape {tuple(mask.shape)}, the weight {tuple(unit.shape)}")
+        zero_masked(unit.weight, mask)
+        report.add_mask(unit.name, mask)
+    report.add_units(given)
+    return report
+
+
+METHODS = {"sparsegpt": prune_sparsegpt}
+
+
+def check_unstructured(ctx, target: PruneTarget) -> None:
+    check_pattern_fits({u.name: u.shape for u in ctx.units}, target.nm)
+
+
+def apply_unstructured(ctx, candidate, target: PruneTarget) -> PruneReport:
+    """Prune `ctx`'s model in place with a metric, a method, an allocation or masks."""
+    from .modes import unsupported
+
+    if isinstance(candidate, Method):
+        if candidate.name not in METHODS:
+            raise unsupported("unstructured", candidate)
+        return METHODS[candidate.name](ctx.model, ctx.adapter, ctx.calibration, target)
+    if isinstance(candidate, MaskSet):
+        return prune_with_masks(ctx.units, candidate.masks, target)
+    sparsity_of = None
+    if isinstance(candidate, Allocation):
+        sparsity_of = _block_sparsities(ctx, candidate, target)
+        candidate = candidate.resolved
+    if not callable(candidate) or not hasattr(candidate, "needs"):
+        raise unsupported("unstructured", candidate)
+    stats = ctx.stats(candidate.needs)
+    if ctx.stats_mode == "sequential":
+        return prune_with_metric_sequential(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
+                                            sparsity_of=sparsity_of)
+    return prune_with_metric(ctx.units, stats, candidate, target, sparsity_of=sparsity_of)
+
+
+def _block_sparsities(ctx, allocation: Allocation, target: PruneTarget) -> dict[int, float]:
+    blocks = len(ctx.adapter.blocks)
+    if target.nm is not None:
+        raise ValueError(f"an allocation sets a sparsity per block; pattern {target.pattern} fixes it at "
+                         f"{target.expected_sparsity:g}")
+    if len(allocation.sparsities) != blocks:
+        raise ValueError(f"allocation has {len(allocation.sparsities)} sparsities for {blocks} blocks")
+    return dict(enumerate(allocation.sparsities))

@@ -151,6 +151,12 @@ class MaskDigest:
         self._labels.append(f"{name}{tuple(mask.shape)}".encode())
         self._packed.append(packed(mask))
 
+    def add_data(self, name: str, data: bytes) -> None:
+        """Fold bytes that are not a mask (a plan) into the digest."""
+        self._labels.append(f"{name}:plan".encode())
+        self._packed.append(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else
+                            torch.zeros(0, dtype=torch.uint8))
+
     def __len__(self) -> int:
         return len(self._labels)
 
@@ -158,9 +164,12 @@ class MaskDigest:
         """"" when no mask was added."""
         if not self._labels:
             return ""
-        parts = self._packed
-        if parts[0].device.type != "cpu":
-            parts = torch.cat(parts).cpu().split([p.numel() for p in parts])
+        parts = list(self._packed)
+        on_device = [i for i, p in enumerate(parts) if p.device.type != "cpu"]
+        if on_device:  # one transfer for all of them
+            moved = torch.cat([parts[i] for i in on_device]).cpu().split([parts[i].numel() for i in on_device])
+            for i, p in zip(on_device, moved):
+                parts[i] = p
         digest = hashlib.blake2b(digest_size=16)
         for label, part in zip(self._labels, parts):
             digest.update(label)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from prunerzero.protocol import check_sparsity, parse_pattern
+from prunerzero.core.protocol import check_sparsity, parse_pattern
 
 from .masks import GROUPS, MaskDigest
 
@@ -38,17 +38,24 @@ class PruneTarget:
 
 @dataclass
 class PruneReport:
-    """Achieved sparsity per unit and in total."""
+    """What a mode did: achieved sparsity per unit and in total, a fingerprint of the change, and
+    any measurements of the mode's own (`extra`: leaderboard columns such as tokens_per_s)."""
 
-    target: PruneTarget
+    target: object  # the mode's target (PruneTarget for unstructured)
     method: str
     rows: list[dict] = field(default_factory=list)  # name, block, role, expert, numel, zeros
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
     _masks: MaskDigest = field(default_factory=MaskDigest, repr=False)
 
     def add_mask(self, name: str, mask: torch.Tensor) -> None:
         """Fold a unit's mask into the fingerprint (units in pruning order)."""
         self._masks.add(name, mask)
+
+    def add_plan(self, name: str, plan) -> None:
+        """Fold a structural decision into the fingerprint (kept heads, experts, a merge matrix —
+        anything whose repr is exact): equal fingerprints, the same model after the mode."""
+        self._masks.add_data(name, repr(plan).encode())
 
     @property
     def masked_units(self) -> int:
@@ -56,9 +63,9 @@ class PruneReport:
 
     @property
     def fingerprint(self) -> str:
-        """Digest of every mask added: equal fingerprints, the same weights pruned — and so the
-        same pruned model, whatever formula chose them. "" when no mask was added (a method
-        such as SparseGPT that also updates the weights kept)."""
+        """Digest of every mask and plan added: equal fingerprints, the same weights pruned — and
+        so the same pruned model, whatever formula chose them. "" when nothing was added (a
+        method such as SparseGPT that also updates the weights kept)."""
         return self._masks.hexdigest()
 
     def add(self, unit, zeros: int) -> None:

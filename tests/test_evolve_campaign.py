@@ -82,7 +82,7 @@ def straight(tmp_path_factory):
 
 def test_run_directory_files_and_progress(straight):
     cfg, run_dir, printed = straight
-    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "checkpoint.pkl", "history.csv",
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "checkpoint.json", "history.csv",
                                                     "hall_of_fame.csv", "evaluations.csv"}
     history = _rows(run_dir / "history.csv")
     assert list(history[0]) == HISTORY_COLUMNS and len(history) == cfg.search.generations + 1
@@ -103,8 +103,8 @@ def test_candidates_with_measured_masks_get_exactly_the_measured_perplexity(stra
     phenotype shortcut ends identically."""
     cfg, run_dir, _ = straight
     measured = _rows(run_dir / "evaluations.csv")
-    forwards = {r["perplexity"] for r in measured if r["same_masks"] == "0"}
-    assert all(r["perplexity"] in forwards for r in measured if r["same_masks"] == "1")
+    forwards = {r["value"] for r in measured if r["same_masks"] == "0"}
+    assert all(r["value"] in forwards for r in measured if r["same_masks"] == "1")
     blind = run_campaign(toy_config(tmp_path, search={"generations": 4}), backend=Forgetful(
         evaluator_factory(cfg.eval_spec())), console=QUIET)
     assert _hof(blind) == _hof(run_dir) and _search_trace(blind) == _search_trace(run_dir)

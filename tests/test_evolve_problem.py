@@ -6,8 +6,8 @@ import pytest
 from deap import gp
 
 from prunerzero.evolve.config import SearchConfig
-from prunerzero.evolve.engine import make_toolbox
-from prunerzero.evolve.problem import OPERATOR_SETS, Individual, from_node, from_string, primitive_set, to_node
+from prunerzero.evolve.problem import (OPERATOR_SETS, Individual, MetricProblem, from_node, from_string, primitive_set,
+                                       to_node)
 from prunerzero.primitives.expression import parse
 from prunerzero.primitives.operators import OPERATORS
 
@@ -50,7 +50,7 @@ def test_operator_outside_the_set_is_an_error_naming_it():
 
 def test_variation_respects_static_depth_and_size_limits():
     search = SearchConfig(max_depth=5, max_size=12, init_max_depth=4)
-    tb = make_toolbox(search)
+    tb = MetricProblem(search).toolbox()
     random.seed(2)
     pop = [ind for ind in tb.population(n=60) if len(ind) <= 12]  # parents within the limits
     grew = 0

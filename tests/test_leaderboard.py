@@ -36,3 +36,43 @@ def test_plot_writes_a_png(tmp_path):
     df = pd.DataFrame([row("a", 20.0), row("b" * 60, 30.0), row("a", 40.0, pattern="2:4")])
     plot(df, tmp_path / "lb.png")
     assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+OLD_COLUMNS = ["metric", "formula", "key", "model", "corpus", "protocol", "protocol_id", "stats_mode", "split",
+               "sparsity", "pattern", "group", "perplexity", "dense_perplexity", "achieved_sparsity",
+               "calib_tokens", "eval_tokens", "seed", "version", "device", "seconds", "timestamp"]
+
+
+def test_a_csv_of_the_version_before_modes_is_upgraded_in_place_nothing_lost(tmp_path):
+    csv = tmp_path / "lb.csv"
+    old = [{c: "" for c in OLD_COLUMNS} | {"metric": m, "key": m, "model": "m", "corpus": "c", "protocol_id": "p",
+                                           "split": "test", "sparsity": 0.5, "pattern": pat, "group": "row",
+                                           "perplexity": ppl, "dense_perplexity": 10.0, "eval_tokens": 100}
+           for m, pat, ppl in [("a", "unstructured", 20.0), ("a", "2:4", 40.0), ("b", "unstructured", 30.0)]]
+    pd.DataFrame(old, columns=OLD_COLUMNS).to_csv(csv, index=False)
+    df = read(csv)
+    assert list(df["mode"]) == ["unstructured"] * 3
+    assert list(df["budget"]) == ["0.5 unstructured per row", "2:4", "0.5 unstructured per row"]
+    new = row("a", 19.0, mode="unstructured", budget="0.5 unstructured per row")  # same identity as an old row
+    merged = append([new, row("c", 50.0, mode="experts", budget="4 of 8 experts", pattern="")], csv)
+    assert len(merged) == 4 and list(pd.read_csv(csv).columns) == COLUMNS
+    again = read(csv).set_index(["metric", "mode", "budget"])
+    assert again.loc[("a", "unstructured", "0.5 unstructured per row"), "perplexity"] == 19.0
+    assert again.loc[("a", "unstructured", "2:4"), "perplexity"] == 40.0 and again.loc[("b", "unstructured", "0.5 unstructured per row"), "eval_tokens"] == 100
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda text: text.replace("20.0", "twenty", 1), "line 2: column 'perplexity' holds 'twenty'"),
+    (lambda text: text.rstrip("\n").rsplit(",", 25)[0] + "\n", "line 3: row without"),
+    (lambda text: text + "a,b,c" + ",x" * 40 + "\n", "not a readable leaderboard CSV"),
+])
+def test_a_damaged_file_is_an_error_naming_the_line_and_nothing_is_written(tmp_path, damage, needle):
+    csv = tmp_path / "lb.csv"
+    append([row("a", 20.0), row("b", 30.0)], csv)
+    csv.write_text(damage(csv.read_text()))
+    before = csv.read_bytes()
+    with pytest.raises(LeaderboardError, match=needle):
+        read(csv)
+    with pytest.raises(LeaderboardError):
+        append([row("c", 10.0)], csv)
+    assert csv.read_bytes() == before

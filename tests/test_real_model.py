@@ -10,7 +10,7 @@ from prunerzero.fitness.perplexity import perplexity
 from prunerzero.jobs import leaderboard_rows, prune_and_save
 from prunerzero.leaderboard import IDENTITY, append, read
 from prunerzero.primitives.metric import resolve_metric
-from prunerzero.protocol import Protocol
+from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.target import PruneTarget
 
 pytestmark = pytest.mark.real

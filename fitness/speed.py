@@ -1,0 +1,90 @@
+"""Wall-clock speed of models on the machine at hand: prefill latency and tokens/s at a stated batch
+and length, and one-token decode with the KV cache — measured, never inferred from parameter
+counts. Models are timed interleaved (A B A B …) after a warm-up, so a machine whose speed drifts
+moves all of them together; `ratio` takes the ratio per repeat, then the median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Speed:
+    batch: int
+    seq_len: int
+    prefill_s: list[float] = field(default_factory=list)  # one forward of (batch, seq_len), per repeat
+    decode_s: list[float] = field(default_factory=list)  # per generated token (KV cache), per repeat
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1e3 * statistics.median(self.prefill_s)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.seq_len / statistics.median(self.prefill_s)
+
+    @property
+    def decode_ms(self) -> float:
+        return 1e3 * statistics.median(self.decode_s) if self.decode_s else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch / statistics.median(self.decode_s) if self.decode_s else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per generated token after a prefill of `ids`, greedy, with the KV cache."""
+    device = next(model.parameters()).device
+    out = model(ids.to(device), use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return (time.perf_counter() - t0) / new_tokens
+
+
+def compare(models: dict, ids: torch.Tensor, repeats: int = 5, warmup: int = 1, decode_tokens: int = 16) -> dict:
+    """Speed of each named model on the same token ids (batch, seq_len), interleaved per repeat."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    out = {name: Speed(ids.shape[0], ids.shape[1]) for name in models}
+    for rep in range(warmup + repeats):
+        for name, model in models.items():
+            prefill = prefill_seconds(model, ids)
+            decode = decode_seconds(model, ids, decode_tokens) if decode_tokens else None
+            if rep >= warmup:
+                out[name].prefill_s.append(prefill)
+                if decode is not None:
+                    out[name].decode_s.append(decode)
+    return out
+
+
+def ratio(a: Speed, b: Speed, what: str = "prefill") -> float:
+    """Median over repeats of b's time / a's time: how many times faster a is than b."""
+    xs, ys = (a.prefill_s, b.prefill_s) if what == "prefill" else (a.decode_s, b.decode_s)
+    return statistics.median(y / x for x, y in zip(xs, ys))

@@ -1,0 +1,43 @@
+"""What a pruning mode works on: one model with its data, its statistics and its way back.
+
+Modes receive a `PruneContext` and nothing else, so they never know whether an evaluator in a
+search, a leaderboard run or `prunerzero prune` called them. Every change goes through
+`ctx.edits` (interventions.py) or into the prunable weights, which the caller's `DenseSnapshot`
+restores; `ctx.memo` keeps what a mode computes once per model (routing statistics, latency
+tables, dense references) across the candidates of a search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .interventions import Edits
+
+
+@dataclass(eq=False)
+class PruneContext:
+    model: nn.Module
+    adapter: object  # models.adapter.ModelAdapter
+    calibration: torch.Tensor  # (windows, seq_len) token ids from the train split
+    stats: Callable[[frozenset], object]  # needs -> LayerStats of the dense model (computed once, cached)
+    stats_mode: str = "one-shot"  # or "sequential": statistics of each block from the pruned prefix
+    edits: Edits = field(default_factory=Edits)
+    tokenizer: object = None
+    log: Callable[[str], None] = lambda msg: None
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def units(self):
+        return self.adapter.prunable()
+
+    @property
+    def structure(self):
+        return self.adapter.structure
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
