@@ -34,6 +34,7 @@ from prunerzero.pruning.candidates import label
 
 from .config import BackendConfig, CampaignConfig, ConfigError, from_dict
 from .engine import Engine
+from . import simplify
 from .evaluation import FitnessMap
 from .problems import make_problem
 
@@ -162,6 +163,7 @@ def _run(config: CampaignConfig, run_dir: Path, state: dict | None, backend: Bac
                              config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
         engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness), problem=problem)
         if state:
+            simplify.timed_out.update(state.get("oos_timeouts", []))  # decide as the interrupted run did
             try:
                 engine.load_state_dict(state["engine"])
             except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -203,7 +205,8 @@ def progress_line(r: dict, generations: int) -> str:
 def _save(run_dir: Path, config: CampaignConfig, engine: Engine) -> None:
     """Checkpoint first: history and hall of fame are derived from it, so a kill in between
     leaves nothing that a resume would not rewrite."""
-    state = {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "engine": engine.state_dict()}
+    state = {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "engine": engine.state_dict(),
+             "oos_timeouts": sorted(simplify.timed_out)}
     atomic_write_text(run_dir / CHECKPOINT, json.dumps(state, separators=(",", ":")) + "\n")
     atomic_write_text(run_dir / "history.csv", _csv(HISTORY_COLUMNS, list(engine.logbook)))
     atomic_write_text(run_dir / "hall_of_fame.csv",

@@ -7,32 +7,46 @@ evaluated.
 2. `normalisation_rules` adds what SymPy cannot know about the opaque layer-wise operators:
    mms and zscore are idempotent, absorb each other, and ignore a positive affine map of their
    argument; rownorm and colnorm are idempotent and ignore a positive factor.
-3. `sympy.simplify` runs when the expression is small (a deterministic bound, not a timer:
-   the same offspring must simplify the same way on every machine, or a seeded campaign would
-   not repeat).
+3. `sympy.simplify` runs when the expression is small (a deterministic bound on its size), and
+   within SIMPLIFY_SECONDS of wall time: a few small expressions send it into minutes. The timer
+   is a safety net, so that one offspring cannot stall a campaign; an expression that ran out of
+   time is recorded (`timed_out`, saved in the campaign's checkpoint) and gets the cheap form from
+   then on, so a resumed campaign decides exactly as the interrupted one did.
 4. The result becomes a tree again (`from_sympy`). It replaces the offspring only if it is
-   expressible with the campaign's primitives, within the size and depth limits, and scores the
-   probe tensors like the original (a guard against an unsound rewrite).
+   expressible with the campaign's primitives, within the size and depth limits, and ranks the
+   probe statistics exactly as the original does — zeros and ties included (primitives/probes.py):
+   the same masks at every sparsity, not merely close scores. x/x = 1 is algebra, but div(0, 0)
+   is 0: such a rewrite is refused, and the offspring is evaluated as it is.
 
 An expression that no longer depends on any terminal, or whose scores are constant on the probe
-tensors, is rejected without an evaluation. The canonical key (`Metric.key`) of the simplified
-tree is the key for de-duplication and the fitness cache.
+tensors, is rejected without an evaluation. The key is `Metric.key` of the tree kept, which is
+sound by the same test: two trees share a key only if they rank the probes alike.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import sympy
-import torch
 
 from prunerzero.primitives.expression import ExpressionError, Node, from_sympy
 from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.operators import Colnorm, Mms, Rownorm, Zscore
+from prunerzero.primitives.probes import is_constant, probe_scores, same_ranking
 
 SIMPLIFY_MAX_OPS = 24  # sympy.simplify only below this many operations (it is super-linear)
+SIMPLIFY_SECONDS = 5.0  # and only this long (typical: 10-500 ms)
 _RULE_PASSES = 4
+timed_out: set[str] = set()  # expressions (sympy srepr) whose sympy.simplify ran out of time
+
+
+class SimplifyTimeout(BaseException):
+    """Raised into sympy.simplify by a timer. A BaseException, so that no `except Exception` on
+    the way (SymPy has many) can swallow it."""
 
 
 @dataclass(frozen=True)
@@ -92,45 +106,36 @@ def canonical(expr: sympy.Expr) -> sympy.Expr:
     cheap = normalisation_rules(sympy.powsimp(expr))
     if sympy.count_ops(cheap) > SIMPLIFY_MAX_OPS:
         return cheap
-    full = normalisation_rules(sympy.simplify(cheap))
+    name = sympy.srepr(cheap)
+    if name in timed_out:
+        return cheap
+    try:
+        with _time_limit(SIMPLIFY_SECONDS):
+            full = normalisation_rules(sympy.simplify(cheap))
+    except SimplifyTimeout:
+        timed_out.add(name)
+        return cheap
     return full if sympy.count_ops(full) <= sympy.count_ops(cheap) else cheap
 
 
-# ---------------------------------------------------------------- probes
-@lru_cache(maxsize=1)
-def probe_tensors() -> list[dict[str, torch.Tensor]]:
-    """Fixed random (W, G, X) at unit scale and at a trained LLM's scale (float64, so that the
-    comparison sees the rewrite, not fp32 rounding)."""
-    g = torch.Generator().manual_seed(1234)
-    out = []
-    for w, gr, x in ((1.0, 1.0, 1.0), (0.02, 1e-3, 0.1)):
-        out.append({
-            "W": torch.randn(12, 16, generator=g, dtype=torch.float64) * w,
-            "G": torch.rand(12, 16, generator=g, dtype=torch.float64) * gr + gr * 0.05,
-            "X": torch.rand(16, generator=g, dtype=torch.float64) * x + x * 0.05,
-        })
-    return out
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise SimplifyTimeout after `seconds` (a SIGALRM timer: the main thread only; elsewhere
+    no limit — campaigns run their engine in the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
 
+    def expire(signum, frame):
+        raise SimplifyTimeout()
 
-def probe_scores(metric: Metric) -> list[torch.Tensor] | None:
-    """Scores on the probes, or None where an operator cannot take its argument (a constant
-    subtree under colnorm, say)."""
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return [metric(**p) for p in probe_tensors()]
-    except (RuntimeError, IndexError, ValueError):
-        return None
-
-
-def is_constant(scores: list[torch.Tensor]) -> bool:
-    """Constant scores on every probe: the metric cannot rank weights."""
-    return all(bool((s == s.flatten()[0]).all()) for s in scores)
-
-
-def same_scores(a: list[torch.Tensor], b: list[torch.Tensor] | None) -> bool:
-    """Equal up to the operators' protective epsilons (log|a|+1e-8 is not log|a|); an unsound
-    rewrite changes scores by far more."""
-    return b is not None and all(
-        torch.allclose(x, y, rtol=1e-3, atol=1e-6 * (1.0 + float(x.abs().max()))) for x, y in zip(a, b))
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------- the OOS step
@@ -144,7 +149,7 @@ def simplify(tree: Node, allowed_ops: frozenset[str] | None = None,
     except Exception:  # SymPy's simplifiers raise many error types; keep SymPy's evaluated form
         expr = original.sympy
     if not expr.free_symbols:
-        return Simplified(tree, original.key, f"no terminal left: simplifies to {expr}")
+        return Simplified(tree, original.key, f"no terminal left: simplifies to {_short(expr)}")
     scores = probe_scores(original)
     if scores is None:
         return Simplified(tree, original.key, "cannot be scored on the probe tensors")
@@ -152,9 +157,14 @@ def simplify(tree: Node, allowed_ops: frozenset[str] | None = None,
         return Simplified(tree, original.key, "constant scores on the probe tensors")
     for candidate in (expr, original.sympy):
         new = _as_tree(candidate, allowed_ops, max_depth, max_size)
-        if new is not None and same_scores(scores, probe_scores(new)):
+        if new is not None and same_ranking(scores, probe_scores(new)):
             return Simplified(new.tree, new.key)
     return Simplified(tree, original.key)
+
+
+def _short(expr) -> str:
+    text = str(expr)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def tidy(node: Node) -> Node:

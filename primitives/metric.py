@@ -18,8 +18,9 @@ from typing import Callable
 import sympy
 import torch
 
-from .expression import ExpressionError, Node, compile_tree, parse, to_source, to_sympy
+from .expression import ExpressionError, Node, compile_tree, from_sympy, parse, to_source, to_sympy
 from .operators import export_source
+from .probes import probe_scores, same_ranking
 from .terminals import TERMINALS, terminal_env
 
 
@@ -50,14 +51,26 @@ class Metric:
 
     @cached_property
     def key(self) -> str:
-        """Canonical form of the expression: equal for metrics that SymPy proves equal in form;
-        the key for de-duplication, the fitness cache and leaderboard rows."""
+        """Canonical form of the expression: equal for metrics that SymPy proves equal in form
+        *and* that rank the probe statistics (zeros and ties included) as that form does; the
+        key for de-duplication, the fitness cache and leaderboard rows. A tree whose SymPy form
+        ranks differently (x/x is 1 to SymPy, but div(0, 0) is 0) is keyed by the tree itself,
+        so two metrics that prune differently never share a key."""
         if self.sympy.has(sympy.zoo, sympy.oo, sympy.S.NegativeInfinity, sympy.nan):
             # an exact division by 0 or log(0): the scores then depend on the torch epsilons, which
             # the SymPy form drops, so unequal metrics would share a form (both zoo*W for
             # div(W, sub(X, X)) and mul(W, log(sub(G, G)))): key such a metric by its tree
             return f"tree:{self.formula}"
-        return sympy.sstr(self.sympy, order="lex")
+        return sympy.sstr(self.sympy, order="lex") if self._ranks_as_its_form() else f"tree:{self.formula}"
+
+    def _ranks_as_its_form(self) -> bool:
+        try:
+            form = from_sympy(self.sympy)
+        except ExpressionError:
+            return False
+        if str(form) == self.formula:
+            return True
+        return same_ranking(probe_scores(self), probe_scores(Metric(str(form), form)))
 
     @cached_property
     def needs(self) -> frozenset[str]:

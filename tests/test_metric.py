@@ -99,11 +99,20 @@ def test_x_and_g_shapes_are_checked(wgx):
     ("sub(W, neg(G))", "add(W, G)"),
     ("sqr(sqrt(X))", "X"),
     ("abs(G)", "G"),
-    ("div(W, W)", "1.0"),
     ("mul(mul(abs(W), abs(W)), mms(G))", "mul(sqr(W), mms(G))"),
 ])
 def test_equivalent_forms_share_a_key(a, b):
     assert Metric.from_expression(a).key == Metric.from_expression(b).key
+
+
+@pytest.mark.parametrize("a, b", [
+    ("div(W, W)", "1.0"),  # div(0, 0) is 0 where W is 0: not the constant 1
+    ("mul(G, div(X, X))", "G"),
+    ("div(mul(W, G), G)", "W"),
+])
+def test_forms_equal_in_algebra_but_not_where_statistics_are_zero_have_different_keys(a, b):
+    assert Metric.from_expression(a).key != Metric.from_expression(b).key
+    assert Metric.from_expression(a).key == f"tree:{a}"
 
 
 def test_different_metrics_have_different_keys():
