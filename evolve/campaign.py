@@ -159,7 +159,8 @@ def _run(config: CampaignConfig, run_dir: Path, state: dict | None, backend: Bac
     own = backend is None
     backend = backend or make_backend(config.backend, evaluator_factory(spec))
     try:
-        fitness = FitnessMap(backend, FitnessCache(config.cache or None), spec.cache_key(),
+        cache = FitnessCache(config.cache or None, log=lambda msg: console.print(msg, markup=False))
+        fitness = FitnessMap(backend, cache, spec.cache_key(),
                              config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
         engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness), problem=problem)
         if state:

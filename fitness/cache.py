@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
 from pathlib import Path
 
+from prunerzero.core.integrity import set_aside
 from prunerzero.core.results import FitnessResult
 from prunerzero.core.paths import cache_dir
 
@@ -46,11 +48,32 @@ def default_cache_path() -> Path:
 
 
 class FitnessCache:
-    """`get_many` / `put_many` over (metric key, spec key, windows) → FitnessResult."""
+    """`get_many` / `put_many` over (metric key, spec key, windows) → FitnessResult.
 
-    def __init__(self, path: str | Path | None = None):
+    A file that is not a usable database (damaged, or something else at that path) is named, set
+    aside and replaced by an empty cache: the campaign measures again what it held, rather than
+    stopping (core/integrity.py)."""
+
+    def __init__(self, path: str | Path | None = None, log=None):
         self.path = Path(path) if path else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
+        self._guarded(self._init)
+
+    def _guarded(self, op, *args):
+        """Run `op`; if SQLite says the file is damaged, set it aside, start afresh, run again."""
+        try:
+            return op(*args)
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) or not self.path.exists():
+                raise
+            for extra in ("-wal", "-shm"):  # the journal of a damaged file is no use either
+                self.path.with_name(self.path.name + extra).unlink(missing_ok=True)
+            set_aside(self.path, f"{type(e).__name__}: {e}", self.log, then="starting an empty cache")
+            self._init()
+            return op(*args)
+
+    def _init(self) -> None:
         for attempt in range(_INIT_TRIES):
             try:
                 with self._connect() as db:
@@ -75,6 +98,17 @@ class FitnessCache:
             db.close()
 
     def get_many(self, keys: list[str], spec: str, windows: int) -> dict[str, FitnessResult]:
+        return self._guarded(self._get_many, keys, spec, windows)
+
+    def put_many(self, results: list[FitnessResult], spec: str, windows: int) -> int:
+        """Store the cacheable results; the first writer of a key wins. Returns rows written."""
+        return self._guarded(self._put_many, results, spec, windows)
+
+    def phenotypes(self, spec: str, windows: int) -> dict[str, float]:
+        """Fingerprint → value of every successful measurement on this budget."""
+        return self._guarded(self._phenotypes, spec, windows)
+
+    def _get_many(self, keys: list[str], spec: str, windows: int) -> dict[str, FitnessResult]:
         out: dict[str, FitnessResult] = {}
         unique = sorted(set(keys))
         with self._connect() as db:
@@ -86,8 +120,7 @@ class FitnessCache:
                 out.update((row[0], _result(row)) for row in rows)
         return out
 
-    def put_many(self, results: list[FitnessResult], spec: str, windows: int) -> int:
-        """Store the cacheable results; the first writer of a key wins. Returns rows written."""
+    def _put_many(self, results: list[FitnessResult], spec: str, windows: int) -> int:
         rows = [(spec, windows, *astuple(r)) for r in results if r.status in CACHEABLE]
         if not rows:
             return 0
@@ -98,8 +131,7 @@ class FitnessCache:
                 f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", rows)
             return db.total_changes - before
 
-    def phenotypes(self, spec: str, windows: int) -> dict[str, float]:
-        """Fingerprint → value of every successful measurement on this budget."""
+    def _phenotypes(self, spec: str, windows: int) -> dict[str, float]:
         with self._connect() as db:
             rows = db.execute("SELECT phenotype, value FROM fitness WHERE spec = ? AND windows = ? "
                               "AND status = 'ok' AND phenotype != ''", (spec, windows)).fetchall()

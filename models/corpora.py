@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from prunerzero.core.integrity import set_aside
 from prunerzero.core.paths import atomic_write_bytes, cache_dir
 import torch
 
@@ -230,7 +231,14 @@ def _cached_token_ids(corpus: CorpusText, tokenizer) -> torch.Tensor:
     key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}:{text_sha}".encode()).hexdigest()[:16]
     path = cache_dir("tokens") / f"{corpus.name}-{key}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        try:
+            ids = torch.load(path, weights_only=True)  # tensors only: loading runs no code
+            if isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 1 and len(ids):
+                return ids
+            why = "not a 1-D tensor of token ids"
+        except Exception as e:  # torch raises many types for a damaged zip
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+        set_aside(path, why, warnings.warn)
     ids = tokenize(corpus.text, tokenizer)
     buf = io.BytesIO()
     torch.save(ids, buf)

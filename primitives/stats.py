@@ -8,7 +8,9 @@
   one float32 accumulator the size of the pruned weights, and one sample's activations.
   G = √Σ g².
 
-Statistics are cached on disk (safetensors) keyed by model, corpus tokens and protocol.
+Statistics are cached on disk (safetensors) keyed by model, corpus tokens and protocol, with a
+checksum; a cached file that does not verify (checksum, parse, finite values, every unit present)
+is named, set aside and recomputed (core/integrity.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
+from prunerzero.core.integrity import CorruptCache, set_aside, sha256
 from prunerzero.core.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 
@@ -50,17 +53,42 @@ class LayerStats:
         path.mkdir(parents=True, exist_ok=True)
         tensors = {f"X::{k}": v.contiguous() for k, v in self.X.items()}
         tensors |= {f"G::{k}": v.contiguous() for k, v in self.G.items()}
-        # unique temporary file + os.replace: evaluators calibrating at once never mix their bytes
-        atomic_write_bytes(path / "stats.safetensors", save(tensors))
-        atomic_write_text(path / "meta.json", json.dumps(self.meta, indent=1, sort_keys=True))
+        data = save(tensors)
+        # unique temporary file + os.replace: evaluators calibrating at once never mix their bytes;
+        # the checksum goes last, so a file without its checksum is never trusted
+        atomic_write_bytes(path / "stats.safetensors", data)
+        meta = {**self.meta, "sha256": sha256(data)}
+        atomic_write_text(path / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
 
     @classmethod
-    def load(cls, path: Path) -> "LayerStats":
-        tensors = load_file(str(path / "stats.safetensors"))
-        out = cls(meta=json.loads((path / "meta.json").read_text()))
+    def load(cls, path: Path, units=()) -> "LayerStats":
+        """Read and verify a cached file: its checksum, its parse, finite values, and X (and G if
+        it says it has G) for every unit in `units`. Raises CorruptCache naming what failed."""
+        try:
+            data = (path / "stats.safetensors").read_bytes()
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCache(f"unreadable: {type(e).__name__}: {e}") from None
+        if not isinstance(meta, dict):
+            raise CorruptCache("meta.json is not a table")
+        if "sha256" in meta and meta["sha256"] != sha256(data):
+            raise CorruptCache("checksum mismatch: stats.safetensors is not the file meta.json describes")
+        try:
+            tensors = load(data)
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise CorruptCache(f"does not parse: {e}") from None
+        out = cls(meta=meta)
         for k, v in tensors.items():
-            kind, name = k.split("::", 1)
+            kind, _, name = k.partition("::")
+            if kind not in ("X", "G") or not torch.isfinite(v).all():
+                raise CorruptCache(f"{k!r}: {'non-finite values' if kind in ('X', 'G') else 'unknown entry'}")
             getattr(out, kind)[name] = v
+        missing = [u.name for u in units if u.name not in out.X or (meta.get("G") and u.name not in out.G)]
+        if missing:
+            raise CorruptCache(f"no statistics for {len(missing)} unit(s), e.g. {missing[0]}")
+        if "sha256" not in meta:  # written before checksums: verified above, checksummed from now on
+            out.meta["sha256"] = sha256(data)
+            atomic_write_text(path / "meta.json", json.dumps(out.meta, indent=1, sort_keys=True))
         return out
 
 
@@ -159,12 +187,16 @@ def stats_cache_path(model_id: str, tokens_fingerprint: str, calibration_key: st
 
 
 def load_or_collect(path: Path, model, adapter, windows, need_g: bool, meta: dict, log=print) -> LayerStats:
-    """Statistics from the disk cache when present (and holding G if needed), else computed and saved."""
-    if (path / "stats.safetensors").is_file():
-        stats = LayerStats.load(path)
-        if stats.meta.get("G") or not need_g:
-            log(f"statistics: cached at {path}")
-            return stats
+    """Statistics from the disk cache when present, verified (and holding G if needed), else
+    computed and saved. A cache entry that does not verify is set aside and recomputed."""
+    if path.exists():
+        try:
+            stats = LayerStats.load(path, adapter.prunable())
+            if stats.meta.get("G") or not need_g:
+                log(f"statistics: cached at {path}")
+                return stats
+        except CorruptCache as e:
+            set_aside(path, str(e), log)
     log(f"statistics: calibrating on {windows.shape[0]} windows x {windows.shape[1]} tokens"
         f"{' with gradients' if need_g else ''}")
     stats = collect_stats(model, adapter, windows, need_g)

@@ -1,8 +1,13 @@
 """Calibration statistics on a tiny Llama against references computed by hand: X from our own
 hooks, G from per-window autograd.grad."""
 
+import json
+import random
+
+import pytest
 import torch
 
+from prunerzero.core.integrity import CorruptCache
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.stats import (
     ActivationAccumulator, LayerStats, collect_stats, load_or_collect, x_for_units,
@@ -117,7 +122,7 @@ def test_layer_stats_save_load_round_trip(tmp_path):
     stats = _stats()
     stats.save(tmp_path / "s")
     loaded = LayerStats.load(tmp_path / "s")
-    assert loaded.meta == stats.meta
+    assert {k: v for k, v in loaded.meta.items() if k != "sha256"} == stats.meta and len(loaded.meta["sha256"]) == 64
     for kind in ("X", "G"):
         got, want = getattr(loaded, kind), getattr(stats, kind)
         assert got.keys() == want.keys()
@@ -144,3 +149,52 @@ def test_load_or_collect_uses_the_cache_and_recomputes_when_g_is_missing(tiny_ll
     with_g = load_or_collect(tmp_path, tiny_llama, adapter, tiny_windows, True, {"key": "k"}, logs.append)
     assert "with gradients" in logs[-2] and with_g.has("G")
     assert LayerStats.load(tmp_path).has("G")
+
+
+def _damage_data(path):
+    data = bytearray(path.read_bytes())
+    rng = random.Random(0)
+    for i in rng.sample(range(len(data) - 400, len(data)), 64):  # bytes of the tensors, not the header
+        data[i] = rng.randrange(256)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_damage_data, "checksum mismatch"),
+    (lambda p: p.write_bytes(b"\xff" * 8 + p.read_bytes()[8:]), "checksum mismatch"),
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "checksum mismatch"),
+])
+def test_a_damaged_statistics_cache_is_named_set_aside_and_recomputed(tiny_llama, tiny_windows, tmp_path, damage, why):
+    adapter = ModelAdapter(tiny_llama)
+    cache = tmp_path / "stats"
+    first = load_or_collect(cache, tiny_llama, adapter, tiny_windows, True, {}, lambda m: None)
+    damage(cache / "stats.safetensors")
+    with pytest.raises(CorruptCache, match=why):
+        LayerStats.load(cache)
+    logs = []
+    again = load_or_collect(cache, tiny_llama, adapter, tiny_windows, True, {}, logs.append)
+    assert any(str(cache) in m and why in m and "recomputing" in m for m in logs)
+    assert [p.name.startswith("stats.corrupt-") for p in tmp_path.iterdir()].count(True) == 1
+    assert all(torch.equal(again.G[k], first.G[k]) for k in first.G)
+    load_or_collect(cache, tiny_llama, adapter, tiny_windows, True, {}, logs.append)
+    assert "cached" in logs[-1]  # the recomputed file verifies
+
+
+def test_non_finite_or_missing_statistics_are_corrupt_even_with_a_good_checksum(tmp_path, tiny_llama):
+    bad = _stats()
+    bad.G["m.q"][0, 0] = float("inf")
+    bad.save(tmp_path / "inf")
+    with pytest.raises(CorruptCache, match="non-finite values"):
+        LayerStats.load(tmp_path / "inf")
+    _stats().save(tmp_path / "other")
+    with pytest.raises(CorruptCache, match="no statistics for"):
+        LayerStats.load(tmp_path / "other", ModelAdapter(tiny_llama).prunable())
+
+
+def test_a_cache_written_before_checksums_is_verified_then_checksummed(tmp_path):
+    _stats().save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    del meta["sha256"]
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    assert LayerStats.load(tmp_path / "old").X.keys() == _stats().X.keys()
+    assert "sha256" in json.loads((tmp_path / "old" / "meta.json").read_text())

@@ -1,0 +1,31 @@
+"""What is read back from a cache is verified before it is used: a checksum recorded when it was
+written, and the checks its reader knows (finite values, the expected names). A file that fails
+is named, set aside beside itself (`<name>.corrupt-<time>`, for a look) and recomputed — never
+silently used, never left to fail again on the next run."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+
+class CorruptCache(ValueError):
+    """A cache entry that does not verify; the message says why."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def set_aside(path: Path, why: str, log=print, then: str = "recomputing") -> Path:
+    """Rename a corrupt file or directory out of the cache's way; return where it went."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    path.rename(target)
+    log(f"warning: {path} is corrupt ({why}); moved to {target.name} and {then}")
+    return target
