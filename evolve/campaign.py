@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -84,11 +85,14 @@ def new_run_dir(config: CampaignConfig) -> Path:
 def run_campaign(config: CampaignConfig, run_dir: Path | None = None, backend: Backend | None = None,
                  console: Console | None = None) -> Path:
     """Start a campaign in a new run directory (or `run_dir`); return the run directory.
-    `backend` overrides the configured one (it is then not closed here)."""
-    run_dir = Path(run_dir) if run_dir else new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    return _run(config, run_dir, None, backend, console)
+    `backend` overrides the configured one (it is then not closed here). Everything that can be
+    checked — the problem's options, the model, the corpus, the target against the model — is
+    checked (the evaluators are built) before the run directory is created."""
+    with _prepared(config, backend) as (problem, backend):
+        run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        return _run(config, problem, run_dir, None, backend, console)
 
 
 def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Console | None = None,
@@ -100,17 +104,41 @@ def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Cons
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
     state = load_checkpoint(run_dir)
-    config = from_dict(state["config"] if state else json.loads((run_dir / "config.json").read_text()))
+    config = from_dict(state["config"] if state else _read_json(run_dir / "config.json"))
     if generations is not None:
         done = state["engine"]["generation"] if state else -1
         if generations < done:
             raise ConfigError(f"search.generations: {run_dir.name} has already run {done} generations; "
                               f"cannot end it at {generations}")
         config = config.with_generations(generations)
-        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     if backend_changes:
         config = config.with_backend(**backend_changes)
-    return _run(config, run_dir, state, backend, console)
+    with _prepared(config, backend) as (problem, backend):
+        if generations is not None:
+            saved = from_dict(_read_json(run_dir / "config.json")).with_generations(generations)
+            atomic_write_text(run_dir / "config.json", json.dumps(saved.to_dict(), indent=2) + "\n")
+        return _run(config, problem, run_dir, state, backend, console)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+@contextmanager
+def _prepared(config: CampaignConfig, backend: Backend | None):
+    """The campaign's problem and a started backend (closed on the way out if built here)."""
+    problem = make_problem(config)
+    own = backend is None
+    backend = backend or make_backend(config.backend, evaluator_factory(config.eval_spec()))
+    try:
+        backend.start()
+        yield problem, backend
+    finally:
+        if own:
+            backend.close()
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
@@ -151,37 +179,30 @@ def _check_checkpoint(state, path: Path) -> None:
                           "remove it to restart the campaign from scratch")
 
 
-def _run(config: CampaignConfig, run_dir: Path, state: dict | None, backend: Backend | None,
+def _run(config: CampaignConfig, problem, run_dir: Path, state: dict | None, backend: Backend,
          console: Console | None) -> Path:
     console = console or Console(highlight=False)
     spec = config.eval_spec()
-    problem = make_problem(config)
-    own = backend is None
-    backend = backend or make_backend(config.backend, evaluator_factory(spec))
-    try:
-        cache = FitnessCache(config.cache or None, log=lambda msg: console.print(msg, markup=False))
-        fitness = FitnessMap(backend, cache, spec.cache_key(),
-                             config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
-        engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness), problem=problem)
-        if state:
-            simplify.timed_out.update(state.get("oos_timeouts", []))  # decide as the interrupted run did
-            try:
-                engine.load_state_dict(state["engine"])
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise ConfigError(f"{run_dir / CHECKPOINT}: its engine state does not load ({type(e).__name__}: "
-                                  f"{str(e)[:200]}); remove it to restart the campaign from scratch") from None
-        _truncate_evaluations(run_dir, engine.generation)
-        console.print(f"[bold]{config.name}[/]: {problem.name} search, {spec.model} on {spec.corpus} ({spec.split}), "
-                      f"{spec.describe_target()}, fitness {spec.fitness}, {config.protocol.describe()} → {run_dir}")
-        while not engine.done:
-            record = engine.step()
-            _append_evaluations(run_dir, engine.generation, fitness.take_log())
-            _save(run_dir, config, engine)
-            console.print(progress_line(record, config.search.generations))
+    cache = FitnessCache(config.cache or None, log=lambda msg: console.print(msg, markup=False))
+    fitness = FitnessMap(backend, cache, spec.cache_key(),
+                         config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
+    engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness), problem=problem)
+    if state:
+        simplify.timed_out.update(state.get("oos_timeouts", []))  # decide as the interrupted run did
+        try:
+            engine.load_state_dict(state["engine"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"{run_dir / CHECKPOINT}: its engine state does not load ({type(e).__name__}: "
+                              f"{str(e)[:200]}); remove it to restart the campaign from scratch") from None
+    _truncate_evaluations(run_dir, engine.generation)
+    console.print(f"[bold]{config.name}[/]: {problem.name} search, {spec.model} on {spec.corpus} ({spec.split}), "
+                  f"{spec.describe_target()}, fitness {spec.fitness}, {config.protocol.describe()} → {run_dir}")
+    while not engine.done:
+        record = engine.step()
+        _append_evaluations(run_dir, engine.generation, fitness.take_log())
         _save(run_dir, config, engine)
-    finally:
-        if own:
-            backend.close()
+        console.print(progress_line(record, config.search.generations))
+    _save(run_dir, config, engine)
     return run_dir
 
 

@@ -79,9 +79,9 @@ class FitnessMap:
         out = self._lookup(keys, windows) if windows != self.full_windows else {}
         todo = [k for k in keys if k not in out]
         max_windows = None if windows == self.full_windows else windows
-        results = self.backend.map([Job(k, formulas[k], max_windows) for k in todo], self._known(windows))
-        if self.cache is not None:
-            self.cache.put_many(results, self.spec_key, windows)
+        # each result reaches the cache as it arrives: a kill loses only the evaluations in flight
+        store = (lambda i, r: self.cache.put_many([r], self.spec_key, windows)) if self.cache is not None else None
+        results = self.backend.map([Job(k, formulas[k], max_windows) for k in todo], self._known(windows), store)
         for k, r in zip(todo, results):
             out[k] = Measured(windows, r)
             self.stats["eval_seconds"] += r.seconds

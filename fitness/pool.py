@@ -11,9 +11,12 @@
 
 Evaluation is idempotent and deterministic, so both backends give identical results.
 
-`map(jobs, known)`: `known` maps mask fingerprints to perplexities on the jobs' budget; each job
+`map(jobs, known, on_result)`: `known` maps fingerprints to values on the jobs' budget; each job
 travels with what is known when it is dispatched, and every new result is added as it arrives,
 so a candidate that prunes like an earlier one of the same call skips its forward too.
+`on_result(i, result)` is called as each job's result is final, so a caller can store it at once
+(a killed campaign loses only the evaluations in flight). `start()` builds the evaluators now,
+so that one that cannot be built (a bad model, corpus or target) fails before any work.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -28,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from prunerzero.core.results import FitnessResult
+from prunerzero.fitness.reaper import start_reaper, stop_reaper
 from prunerzero.pruning.candidates import decode, label
 
 log = logging.getLogger(__name__)
@@ -45,8 +50,13 @@ class Job:
         return label(self.candidate)
 
 
+ResultFn = Callable[[int, FitnessResult], None]
+
+
 class Backend(Protocol):
-    def map(self, jobs: list[Job], known: dict[str, float] | None = None) -> list[FitnessResult]: ...
+    def start(self) -> None: ...
+    def map(self, jobs: list[Job], known: dict[str, float] | None = None,
+            on_result: ResultFn | None = None) -> list[FitnessResult]: ...
     def close(self) -> None: ...
 
 
@@ -85,13 +95,20 @@ class SerialBackend:
         self.factory = factory
         self._host: EvaluatorHost | None = None
 
-    def map(self, jobs: list[Job], known: dict[str, float] | None = None) -> list[FitnessResult]:
-        if self._host is None and jobs:
-            self._host = EvaluatorHost(self.factory)  # heavy: load on first use
+    def start(self) -> None:
+        if self._host is None:
+            self._host = EvaluatorHost(self.factory)
+
+    def map(self, jobs: list[Job], known: dict[str, float] | None = None,
+            on_result: ResultFn | None = None) -> list[FitnessResult]:
+        if jobs:
+            self.start()  # heavy: load on first use
         results = []
-        for job in jobs:
+        for i, job in enumerate(jobs):
             results.append(self._host.evaluate(job, known))
             learn(known, results[-1])
+            if on_result:
+                on_result(i, results[-1])
         return results
 
     def close(self) -> None:
@@ -132,7 +149,11 @@ class RayBackend:
         self.actors[self.actors.index(actor)] = new
         return new
 
-    def map(self, jobs: list[Job], known: dict[str, float] | None = None) -> list[FitnessResult]:
+    def start(self) -> None:
+        pass  # the actors were built and pinged in the constructor
+
+    def map(self, jobs: list[Job], known: dict[str, float] | None = None,
+            on_result: ResultFn | None = None) -> list[FitnessResult]:
         results: list[FitnessResult | None] = [None] * len(jobs)
         attempts = [0] * len(jobs)
         pending = deque(range(len(jobs)))
@@ -151,6 +172,8 @@ class RayBackend:
                     results[i] = self.ray.get(ref)
                     learn(known, results[i])
                     idle.append(actor)
+                    if on_result:
+                        on_result(i, results[i])
                 except self.ray.exceptions.RayActorError as e:
                     idle.append(self._replace(actor))
                     attempts[i] += 1
@@ -158,6 +181,8 @@ class RayBackend:
                     if attempts[i] > self.retries:
                         results[i] = lost(jobs[i], f"worker died {attempts[i]} times, last: {why}")
                         log.warning("candidate %s lost: %s", jobs[i].expression, results[i].reason)
+                        if on_result:
+                            on_result(i, results[i])
                     else:
                         log.warning("worker died on %s; retrying (%d/%d)", jobs[i].expression, attempts[i], self.retries)
                         pending.appendleft(i)
@@ -185,7 +210,7 @@ class RayBackend:
             self.ray.kill(a, no_restart=True)
         self.actors = []
         if self._started_ray:
-            self.ray.shutdown()
+            _shutdown_ray(self.ray)
             self._started_ray = False
 
     def __enter__(self):
@@ -199,15 +224,75 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
+class RayConnectionError(RuntimeError):
+    """The Ray cluster named by --address / RAY_ADDRESS could not be joined; the message says why
+    and what to do."""
+
+
+_reaper = None  # the watchdog of the local Ray instance this process started (fitness/reaper.py)
+
+
 def _ensure_ray(ray, address: str, cpus: float, dashboard: bool) -> bool:
     """Join `address` (or RAY_ADDRESS), else start a local Ray; use one already initialised.
     Returns whether this call started Ray (and so should shut it down)."""
+    global _reaper
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        _check_reachable(address)  # Ray itself retries an unreachable address for minutes
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError: Ray raises several
+            raise RayConnectionError(connection_advice(address, e)) from None
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=dashboard,
                  log_to_driver=False)
+        _reaper = start_reaper()  # a killed driver leaves no Ray agent behind
     return True
+
+
+def _shutdown_ray(ray) -> None:
+    global _reaper
+    ray.shutdown()
+    stop_reaper(_reaper)
+    _reaper = None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, naming the address, when nothing accepts a connection there ("auto": the
+    cluster this machine last started or joined)."""
+    if address.startswith("ray://"):
+        hostport = address[len("ray://"):]
+    else:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            hostport = canonicalize_bootstrap_address_or_die(address)
+        except Exception as e:  # "Could not find any running Ray instance", a bad address
+            raise RayConnectionError(connection_advice(address, e)) from None
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise RayConnectionError(
+            f"could not join the Ray cluster at {address!r}: nothing answers at {hostport} ({e}). Is a "
+            "cluster running there (`ray status` on the head node) and reachable from this machine?") from None
+
+
+def connection_advice(address: str, error: BaseException) -> str:
+    """What went wrong joining a cluster, and what to do about it."""
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    text = " ".join(chain)
+    first = _first_line(error)
+    if "Authentication" in text or "InvalidAuthToken" in text:
+        return (f"could not join the Ray cluster at {address!r}: it uses token authentication and this "
+                "machine does not have its token. Copy the head node's token (`ray get-auth-token` "
+                "there, or its ~/.ray/auth_token) to ~/.ray/auth_token here, or set RAY_AUTH_TOKEN / "
+                "RAY_AUTH_TOKEN_PATH (see README, 'A Ray cluster').")
+    return (f"could not join the Ray cluster at {address!r} ({first}). Is a cluster running there "
+            "(`ray status` on the head node) and reachable from this machine? Without --address, "
+            "prunerzero starts a local Ray of its own.")

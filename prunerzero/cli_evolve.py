@@ -9,14 +9,16 @@ from typing import Optional
 
 import typer
 
+from prunerzero.console import friendly_errors
 from prunerzero.evolve.campaign import resume_campaign, run_campaign
-from prunerzero.evolve.config import ConfigError, load_config
+from prunerzero.evolve.config import load_config
 from prunerzero.evolve.export import export_run
 
 evolve_app = typer.Typer(no_args_is_help=True)
 
 
 @evolve_app.command()
+@friendly_errors
 def evolve(
     config: Optional[Path] = typer.Argument(None, help="campaign config (TOML), e.g. experiments/smoke.toml"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this run directory"),
@@ -34,29 +36,22 @@ def evolve(
     changes = {k: v for k, v in {"kind": backend, "address": address, "workers": workers}.items() if v is not None}
     if address is not None and backend is None:
         changes["kind"] = "ray"
-    try:
-        if resume is not None:
-            run_dir = resume_campaign(resume, generations=generations, **changes)
-        else:
-            cfg = load_config(config)
-            run_dir = run_campaign(cfg.with_backend(**changes) if changes else cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    if resume is not None:
+        run_dir = resume_campaign(resume, generations=generations, **changes)
+    else:
+        cfg = load_config(config)
+        run_dir = run_campaign(cfg.with_backend(**changes) if changes else cfg)
     typer.echo(f"run directory: {run_dir}")
 
 
 @evolve_app.command()
+@friendly_errors
 def export(
     run_dir: Path = typer.Argument(..., help="a campaign's run directory"),
     top: int = typer.Option(5, "--top", min=1, help="how many hall-of-fame metrics to export"),
     out: Path = typer.Option(Path("results/metrics"), "--out", help="directory for the modules"),
 ) -> None:
     """Export a run's best metrics as standalone Python modules."""
-    try:
-        paths = export_run(run_dir, top=top, out_dir=out)
-    except FileNotFoundError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    paths = export_run(run_dir, top=top, out_dir=out)
     for p in paths:
         typer.echo(f"{p}  (use as {p}:metric)")

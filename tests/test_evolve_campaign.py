@@ -44,30 +44,30 @@ class Interrupt(SerialBackend):
         super().__init__(factory)
         self.calls, self.at = 0, at
 
-    def map(self, jobs, known=None):
+    def map(self, jobs, known=None, on_result=None):
         self.calls += 1
         if self.calls == self.at:
-            super().map(jobs[: len(jobs) // 2], known)
+            super().map(jobs[: len(jobs) // 2], known, on_result)
             raise KeyboardInterrupt
-        return super().map(jobs, known)
+        return super().map(jobs, known, on_result)
 
 
 class NoisyRandom(SerialBackend):
     """A backend that uses (and reseeds) Python's global random, as third-party code may."""
 
-    def map(self, jobs, known=None):
+    def map(self, jobs, known=None, on_result=None):
         random.seed(12345)
         random.random()
         for j in jobs:
             assert simplify(parse(j.expression)).ok  # rejected individuals never reach a backend
-        return super().map(jobs, known)
+        return super().map(jobs, known, on_result)
 
 
 class Forgetful(SerialBackend):
     """Measures every candidate with a forward, whatever is known."""
 
-    def map(self, jobs, known=None):
-        return super().map(jobs)
+    def map(self, jobs, known=None, on_result=None):
+        return super().map(jobs, None, on_result)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +160,14 @@ class Recording:
     def __init__(self, results=None):
         self.jobs, self.results = [], results or {}
 
-    def map(self, jobs, known=None):
+    def map(self, jobs, known=None, on_result=None):
         self.jobs.extend(jobs)
-        return [self.results.get(j.expression, FitnessResult(j.key, 10.0 + len(j.expression) / (j.max_windows or 8),
-                                                              "ok")) for j in jobs]
+        out = [self.results.get(j.expression, FitnessResult(j.key, 10.0 + len(j.expression) / (j.max_windows or 8),
+                                                             "ok")) for j in jobs]
+        for i, r in enumerate(out):
+            if on_result:
+                on_result(i, r)
+        return out
 
     def close(self):
         pass

@@ -1,0 +1,40 @@
+"""The terminal face shared by the commands: one stderr console, and user errors as messages.
+
+Bad input ends a command with its message and exit code 2, never a traceback: every error the
+library raises for something the user gave (a ValueError, KeyError, RuntimeError or OSError
+subclass, with a message naming the problem) passes through `friendly_errors`."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(stderr=True)
+
+USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
+MAX_MESSAGE = 2000  # an error about a 50 KB expression need not print it whole
+
+
+def message(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    text = str(text)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def friendly_errors(fn):
+    """Bad input ends the command with its message and exit code 2, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            console.print(f"[bold red]error:[/] {escape(message(e))}", highlight=False)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def log(msg: str) -> None:
+    console.print(msg, markup=False, highlight=False)
