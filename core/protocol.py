@@ -22,6 +22,7 @@ class Protocol:
     train_frac: float = 0.8  # splits by position: train | valid | test
     valid_frac: float = 0.1
     stats_mode: str = "one-shot"  # or "sequential": each block's X from already-pruned blocks
+    bos: str = "auto"  # a BOS token first in every window: "auto" (where the tokenizer adds one), "always", "never"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "calib_windows", "eval_windows"):
@@ -34,22 +35,29 @@ class Protocol:
             )
         if self.stats_mode not in ("one-shot", "sequential"):
             raise ValueError(f"unknown stats_mode {self.stats_mode!r}: use 'one-shot' or 'sequential'")
+        if self.bos not in ("auto", "always", "never"):
+            raise ValueError(f"unknown bos {self.bos!r}: use 'auto', 'always' or 'never'")
 
     @property
     def fractions(self) -> tuple[float, float, float]:
         return (self.train_frac, self.valid_frac, 1 - self.train_frac - self.valid_frac)
 
+    def _hashed(self) -> dict:
+        # the default bos ("auto") is left out, so protocols of earlier versions keep their keys
+        return {k: v for k, v in asdict(self).items() if not (k == "bos" and v == "auto")}
+
     def calibration_key(self) -> str:
         """What the calibration statistics depend on (not the evaluation budget)."""
-        d = {k: v for k, v in asdict(self).items() if k != "eval_windows"}
+        d = {k: v for k, v in self._hashed().items() if k != "eval_windows"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self._hashed(), sort_keys=True).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
         return (f"calib {self.calib_windows}x{self.seq_len} seed {self.seed}, eval <= {self.eval_windows}x{self.seq_len}, "
-                f"split {self.train_frac:g}/{self.valid_frac:g}, stats {self.stats_mode}")
+                f"split {self.train_frac:g}/{self.valid_frac:g}, stats {self.stats_mode}"
+                + ("" if self.bos == "auto" else f", bos {self.bos}"))
 
     def with_(self, **changes) -> "Protocol":
         known = {f.name for f in fields(self)}

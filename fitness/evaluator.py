@@ -24,7 +24,7 @@ from prunerzero.fitness.measures import make_measure
 from prunerzero.fitness.perplexity import perplexity
 from prunerzero.fitness.spec import EvalSpec
 from prunerzero.models.adapter import ModelAdapter
-from prunerzero.models.corpora import load_tokenized
+from prunerzero.models.corpora import bos_token, load_tokenized
 from prunerzero.models.loading import load_model
 from prunerzero.primitives.stats import load_or_collect, stats_cache_path
 from prunerzero.pruning.apply import DenseSnapshot
@@ -55,8 +55,9 @@ class Evaluator:
         self.adapter = ModelAdapter(self.lm.model)
         self.units = self.adapter.prunable()
         self.corpus = load_tokenized(spec.corpus, self.lm.tokenizer, p.fractions)
-        self.calibration = self.corpus.calibration(p.calib_windows, p.seq_len, p.seed)
-        self.windows = self.corpus.evaluation(spec.split, p.seq_len, p.eval_windows)
+        self.bos = bos_token(self.lm.tokenizer, p.bos)  # Gemma-3 and its kin: BOS first in every window
+        self.calibration = self.corpus.calibration(p.calib_windows, p.seq_len, p.seed, self.bos)
+        self.windows = self.corpus.evaluation(spec.split, p.seq_len, p.eval_windows, self.bos)
         self.snapshot = DenseSnapshot(self.units)
         self._stats = None
         self.ctx = PruneContext(self.lm.model, self.adapter, self.calibration, self.stats, p.stats_mode,

@@ -58,13 +58,43 @@ class TokenizedCorpus:
     ids: torch.Tensor  # LongTensor, the whole token stream
     splits: dict[str, torch.Tensor]  # 'train', 'valid', 'test': consecutive slices of ids
 
-    def calibration(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
-        return calibration_windows(self.splits["train"], n, seq_len, seed, corpus=self.name)
+    def calibration(self, n: int, seq_len: int, seed: int, bos: int | None = None) -> torch.Tensor:
+        """`n` random windows of `seq_len` tokens from train; with `bos`, each window is that
+        token followed by seq_len - 1 tokens of text (families that expect it on every sequence)."""
+        text_len = seq_len - (bos is not None)
+        return with_bos(calibration_windows(self.splits["train"], n, text_len, seed, corpus=self.name), bos)
 
-    def evaluation(self, split: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    def evaluation(self, split: str, seq_len: int, max_windows: int | None = None,
+                   bos: int | None = None) -> torch.Tensor:
         if split not in self.splits:
             raise CorpusError(f"unknown split {split!r} of corpus {self.name!r}: use {', '.join(SPLITS)}")
-        return eval_windows(self.splits[split], seq_len, max_windows, corpus=self.name, split=split)
+        text_len = seq_len - (bos is not None)
+        return with_bos(eval_windows(self.splits[split], text_len, max_windows, corpus=self.name, split=split), bos)
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def bos_token(tokenizer, mode: str = "auto") -> int | None:
+    """The token each window starts with: the tokenizer's BOS where the family expects one on
+    every sequence (its tokenizer adds it by default, as Gemma-3's does; "auto"), always, or
+    never. Gemma-3 without it scores 2-3x worse perplexity: every number would be wrong."""
+    if mode == "never":
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "always":
+        if bos is None:
+            raise CorpusError("protocol bos 'always': this tokenizer has no BOS token")
+        return int(bos)
+    if mode != "auto":
+        raise CorpusError(f"unknown bos mode {mode!r}: use auto, always or never")
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
 
 
 def load_text(spec: str) -> CorpusText:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from prunerzero.cli_evolve import evolve_app
+from prunerzero.console import friendly_errors, log
 from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.modes import MODES
 
@@ -22,28 +21,6 @@ models_app = typer.Typer(no_args_is_help=True, help="The offline model zoo.")
 data_app = typer.Typer(no_args_is_help=True, help="Corpora.")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-
-USER_ERRORS = (ValueError, KeyError, RuntimeError, FileNotFoundError)
-
-
-def friendly_errors(fn):
-    """Bad input ends the command with its message and exit code 2, not a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
-            raise typer.Exit(2) from None
-    return wrapper
-
-
-def log(msg: str) -> None:
-    console.print(msg, markup=False, highlight=False)
-
-
 # Options shared by the commands that measure (the protocol of DESIGN.md, defaults included).
 Model = Annotated[str, typer.Option(help="Zoo name, local model directory or Hugging Face hub id.")]
 Corpus = Annotated[str, typer.Option(help="austen, wikitext2, c4 or a path to a text file.")]
@@ -52,6 +29,8 @@ CalibWindows = Annotated[int, typer.Option(help="Calibration windows (random, fr
 EvalWindows = Annotated[int, typer.Option(help="At most this many evaluation windows.")]
 Seed = Annotated[int, typer.Option(help="Seed of the calibration window sampling.")]
 StatsMode = Annotated[str, typer.Option(help="one-shot (dense statistics) or sequential (block by block).")]
+Bos = Annotated[str, typer.Option(help="A BOS token first in every window: auto (where the tokenizer adds one, "
+                                        "as Gemma-3's), always or never.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")]
 ModeOpt = Annotated[str, typer.Option("--mode", help=f"Pruning mode: {', '.join(MODES)}.")]
@@ -70,9 +49,9 @@ def _target_fields(mode: str, given: dict, assignments: list[str] | None) -> dic
     return fields
 
 
-def _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode) -> Protocol:
+def _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos="auto") -> Protocol:
     return Protocol(seq_len=seq_len, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed,
-                    stats_mode=stats_mode)
+                    stats_mode=stats_mode, bos=bos)
 
 
 def _split_list(text: str) -> list[str]:
@@ -110,13 +89,13 @@ def data_fetch(name: Annotated[str, typer.Argument(help="Corpus name.")] = "aust
 @friendly_errors
 def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
              split: Annotated[str, typer.Option(help="train, valid or test.")] = "test",
-             seq_len: SeqLen = 1024, eval_windows: EvalWindows = 128, device: Device = "auto",
+             seq_len: SeqLen = 1024, eval_windows: EvalWindows = 128, bos: Bos = "auto", device: Device = "auto",
              dtype: Dtype = "auto") -> None:
     """Perplexity of a (dense or already pruned) model."""
     from prunerzero.fitness.evaluator import Evaluator
     from prunerzero.fitness.spec import EvalSpec
 
-    protocol = Protocol(seq_len=seq_len, eval_windows=eval_windows, calib_windows=1)
+    protocol = Protocol(seq_len=seq_len, eval_windows=eval_windows, calib_windows=1, bos=bos)
     ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype))
     r = ev.measure()
     print(f"{model} on {corpus}/{split}: perplexity {r.perplexity:.4f} ({r.tokens} tokens)")
@@ -134,6 +113,7 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
               set_: SetOpt = None,
               corpus: Corpus = "austen", seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128,
               eval_windows: EvalWindows = 128, seed: Seed = 0, stats_mode: StatsMode = "one-shot",
+              bos: Bos = "auto",
               measure: Annotated[bool, typer.Option(help="Measure dense and pruned test perplexity.")] = True,
               device: Device = "auto", dtype: Dtype = "auto") -> None:
     """Prune a model in one mode with a metric (or a method of the mode) and save it."""
@@ -143,7 +123,8 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
     fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group}, set_)
     target = get_mode(mode).make_target(fields, "target")
     get_mode(mode).candidate(metric)  # a bad metric fails before the model loads
-    prune_and_save(model, metric, target, out, corpus, _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode),
+    prune_and_save(model, metric, target, out, corpus,
+                   _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos),
                    device, dtype, measure, log=log, mode=mode)
 
 
@@ -159,8 +140,8 @@ def leaderboard_cmd(
         set_: SetOpt = None,
         split: Annotated[str, typer.Option(help="Split the rows are measured on.")] = "test",
         seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128, eval_windows: EvalWindows = 128,
-        seed: Seed = 0, stats_mode: StatsMode = "one-shot", device: Device = "auto", dtype: Dtype = "auto",
-        csv: Annotated[Path, typer.Option(help="Leaderboard CSV to update.")] = Path("results/leaderboard.csv"),
+        seed: Seed = 0, stats_mode: StatsMode = "one-shot", bos: Bos = "auto", device: Device = "auto",
+        dtype: Dtype = "auto", csv: Annotated[Path, typer.Option(help="Leaderboard CSV to update.")] = Path("results/leaderboard.csv"),
         show_only: Annotated[bool, typer.Option("--show", help="Only print the CSV, evaluate nothing.")] = False,
         speed: Annotated[bool, typer.Option(help="Also measure prefill latency, tokens/s and decode tokens/s "
                                                  "of each pruned model beside the dense model's.")] = False,
@@ -172,7 +153,7 @@ def leaderboard_cmd(
     from prunerzero.jobs import SpeedProtocol, leaderboard_rows, unstructured_targets
 
     if not show_only:
-        protocol = _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode)
+        protocol = _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos)
         if mode == "unstructured":
             targets = unstructured_targets([_number(s, "--sparsity") for s in _split_list(sparsity)],
                                            _split_list(pattern), group)
