@@ -66,16 +66,35 @@ def const(v: float) -> Node:
 
 
 # ---------------------------------------------------------------- string → tree (safe parser)
+MAX_DEPTH = 200  # deeper than any search's limit by far; Python's parser and recursion give out beyond
+
+
+def _shown(text) -> str:
+    """The expression as error messages show it: a 50 KB one is not echoed whole."""
+    r = repr(text)
+    return r if len(r) <= 100 else f"{r[:60]}…{r[-30:]} ({len(text)} characters)"
+
+
 def parse(text: str) -> Node:
     """Parse "mul(abs(W), sqrt(X))" into a tree. Only calls of known operators with the right
     number of arguments, the terminals W, G, X and numbers are accepted."""
     if not isinstance(text, str) or not text.strip():
-        raise ExpressionError(f"malformed expression {text!r}: empty")
+        raise ExpressionError(f"malformed expression {_shown(text)}: empty")
+    if text.count("(") > MAX_DEPTH and _nesting(text) > MAX_DEPTH:
+        raise ExpressionError(f"malformed expression {_shown(text)}: nested deeper than {MAX_DEPTH} calls")
     try:
         body = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as e:
-        raise ExpressionError(f"malformed expression {text!r}: {e.msg} at column {e.offset}") from None
+        raise ExpressionError(f"malformed expression {_shown(text)}: {e.msg} at column {e.offset}") from None
     return _from_ast(body, text)
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _from_ast(n: ast.AST, text: str) -> Node:
@@ -83,7 +102,7 @@ def _from_ast(n: ast.AST, text: str) -> Node:
         if n.id in TERMINALS:
             return Node(n.id)
         raise ExpressionError(
-            f"malformed expression {text!r}: unknown terminal {n.id!r} (terminals: {', '.join(TERMINALS)})"
+            f"malformed expression {_shown(text)}: unknown terminal {n.id!r} (terminals: {', '.join(TERMINALS)})"
         )
     if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)) and not isinstance(n.value, bool):
         return _finite_const(n.value, text)
@@ -92,17 +111,17 @@ def _from_ast(n: ast.AST, text: str) -> Node:
     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and not n.keywords:
         if n.func.id not in OPERATORS:
             raise ExpressionError(
-                f"malformed expression {text!r}: unknown operator {n.func.id!r} "
+                f"malformed expression {_shown(text)}: unknown operator {n.func.id!r} "
                 f"(operators: {', '.join(sorted(OPERATORS))})"
             )
         op = OPERATORS[n.func.id]
         if len(n.args) != op.arity:
             raise ExpressionError(
-                f"malformed expression {text!r}: {op.name} takes {op.arity} argument(s), got {len(n.args)}"
+                f"malformed expression {_shown(text)}: {op.name} takes {op.arity} argument(s), got {len(n.args)}"
             )
         return Node(op.name, tuple(_from_ast(a, text) for a in n.args))
     raise ExpressionError(
-        f"malformed expression {text!r}: unexpected {ast.unparse(n)!r}; "
+        f"malformed expression {_shown(text)}: unexpected {ast.unparse(n)!r}; "
         "write operator calls over W, G, X and numbers, e.g. mul(abs(W), sqrt(X))"
     )
 
@@ -114,7 +133,7 @@ def _finite_const(value: int | float, text: str) -> Node:
     except OverflowError:
         v = math.inf
     if not math.isfinite(v):
-        raise ExpressionError(f"malformed expression {text!r}: constant {value!r:.40} is not finite in float")
+        raise ExpressionError(f"malformed expression {_shown(text)}: constant {value!r:.40} is not finite in float")
     return const(v)
 
 

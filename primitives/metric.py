@@ -8,6 +8,7 @@ those and never inspect its type.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from .expression import ExpressionError, Node, compile_tree, from_sympy, parse, to_source, to_sympy
 from .operators import export_source
-from .probes import probe_scores, same_ranking
+from .probes import is_constant, probe_scores, same_ranking
 from .terminals import TERMINALS, terminal_env
 
 
@@ -155,27 +156,58 @@ def resolve_metric(spec: str | Metric | CallableMetric) -> Metric | CallableMetr
     if path.endswith(".py"):
         return load_metric_file(Path(path), attr or "metric")
     if "(" in spec or spec in TERMINALS:
-        return Metric.from_expression(spec)
+        return _ranking(Metric.from_expression(spec))
     raise UnknownMetricError(
         f"unknown metric {spec!r}: use a built-in ({', '.join(BUILTINS)}), an exported file "
         "(path.py or path.py:metric) or an expression such as 'mul(abs(W), sqrt(X))'"
     )
 
 
+def _ranking(metric: Metric) -> Metric:
+    """Refuse a metric that cannot rank weights (no statistic in it, or the same score for every
+    weight), as the search refuses it: pruning with it would cut by position."""
+    if not metric.tree.terminals():
+        raise ExpressionError(f"metric {metric.formula[:80]!r} reads no statistic (W, G or X): it gives every "
+                              "weight the same score and cannot rank them")
+    scores = probe_scores(metric)
+    if scores is not None and is_constant(scores):
+        raise ExpressionError(f"metric {metric.formula[:80]!r} gives every weight the same score: it cannot "
+                              "rank them")
+    return metric
+
+
 def load_metric_file(path: Path, attr: str = "metric") -> Metric | CallableMetric:
+    """A metric from a file. An exported metric (a module-level `EXPRESSION = "..."` string) is
+    read with `ast` and nothing in the file runs — exported files are shared. Only a file without
+    one (your own Python function, named as path.py or path.py:function) is imported, which runs it."""
     if not path.is_file():
         raise UnknownMetricError(f"metric file {str(path)!r} does not exist")
+    if attr == "metric":
+        expression = _declared_expression(path)
+        if expression is not None:
+            try:
+                return _ranking(Metric.from_expression(expression, name=path.stem))
+            except ExpressionError as e:
+                raise ExpressionError(f"{path}: EXPRESSION is not a valid metric: {e}") from None
     module_spec = importlib.util.spec_from_file_location(f"prunerzero_metric_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UnknownMetricError(f"metric file {str(path)!r} has no function {attr!r}")
-    expression = getattr(module, "EXPRESSION", None)
-    if attr == "metric" and isinstance(expression, str):
-        try:
-            return Metric.from_expression(expression, name=path.stem)
-        except ExpressionError as e:
-            raise ExpressionError(f"{path}: EXPRESSION is not a valid metric: {e}") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return CallableMetric(name=f"{path.stem}:{attr}", fn=fn, key=f"python:{digest}:{attr}")
+
+
+def _declared_expression(path: Path) -> str | None:
+    """The string a module assigns to EXPRESSION at its top level, read without running it."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError) as e:
+        raise ExpressionError(f"{path}: not a readable Python file ({e})") from None
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == "EXPRESSION" and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            return node.value.value
+    return None
