@@ -53,8 +53,8 @@ class EvalSpec:
         their fitness caches still answer."""
         d = asdict(self)
         d.pop("device")
-        if self.mode == "unstructured" and self.fitness == "perplexity":
+        if self.mode == "unstructured" and self.fitness == "perplexity" and self.target.get("update") == "none":
             for k in ("mode", "fitness"):
                 d.pop(k)
-            d |= d.pop("target")
+            d |= {k: v for k, v in d.pop("target").items() if k != "update"}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

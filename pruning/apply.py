@@ -12,7 +12,7 @@ import torch
 from .candidates import Allocation, MaskSet, Method
 from .masks import check_pattern_fits, select_mask, zero_masked
 from .sequential import run_sequential
-from .sparsegpt import prune_sparsegpt
+from .sparsegpt import prune_sparsegpt, prune_with_metric_obs
 from .target import PruneReport, PruneTarget
 
 
@@ -131,6 +131,9 @@ def apply_unstructured(ctx, candidate, target: PruneTarget) -> PruneReport:
     if not callable(candidate) or not hasattr(candidate, "needs"):
         raise unsupported("unstructured", candidate)
     stats = ctx.stats(candidate.needs)
+    if target.update == "obs":
+        return prune_with_metric_obs(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
+                                     sparsity_of=sparsity_of)
     if ctx.stats_mode == "sequential":
         return prune_with_metric_sequential(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
                                             sparsity_of=sparsity_of)

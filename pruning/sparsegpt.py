@@ -41,8 +41,10 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def sparsegpt_unit(W: torch.Tensor, H: torch.Tensor, target: PruneTarget, blocksize: int = 128,
-                   percdamp: float = 0.01) -> torch.Tensor:
-    """The pruned and updated weight (float32) for weight W (out, in) and Hessian H (in, in)."""
+                   percdamp: float = 0.01, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The pruned and updated weight (float32) for weight W (out, in) and Hessian H (in, in).
+    `mask` (True = pruned) fixes which weights go, chosen by a metric; without it SparseGPT
+    chooses adaptively (w² / [H⁻¹]²_ii per column block)."""
     W = W.float().clone()
     H = H.clone()
     columns = W.shape[1]
@@ -60,11 +62,14 @@ def sparsegpt_unit(W: torch.Tensor, H: torch.Tensor, target: PruneTarget, blocks
         Hinv1 = Hinv[i1:i2, i1:i2]
         d2 = torch.diag(Hinv1).reshape(1, -1) ** 2
         # unstructured: one adaptive mask for the whole column block, lowest w²/d² pruned
-        mask1 = None if nm else select_mask(W1**2 / d2, target.sparsity, None, "layer")
-        if nm:
+        if mask is not None:
+            mask1 = mask[:, i1:i2]
+        elif nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = select_mask(W1**2 / d2, target.sparsity, None, "layer")
         for i in range(i2 - i1):
-            if nm and i % nm[1] == 0:
+            if mask is None and nm and i % nm[1] == 0:
                 # N:M: choose the group's mask from the weights as updated so far
                 j = slice(i, i + nm[1])
                 mask1[:, j] = select_mask(W1[:, j] ** 2 / d2[:, j], 0.0, nm)
@@ -105,5 +110,40 @@ def prune_sparsegpt(model, adapter, windows: torch.Tensor, target: PruneTarget, 
         report.add_units(units)
 
     run_sequential(model, adapter, windows, process_block, batch_size, progress)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def prune_with_metric_obs(model, adapter, windows: torch.Tensor, metric, target: PruneTarget, dense_stats=None,
+                          batch_size: int = 8, sparsity_of: dict[int, float] | None = None) -> PruneReport:
+    """A metric chooses the mask, SparseGPT's update refits the kept weights: block by block on
+    the inputs of the already-pruned prefix, each unit's mask is the metric's (X from those inputs
+    — the Hessian's diagonal is 2·X — and G the dense model's), then the kept weights absorb the
+    pruned ones' error through H⁻¹ (optimal brain surgeon, blockwise)."""
+    report = PruneReport(target=target, method=f"{getattr(metric, 'name', metric)} + OBS update")
+    t0 = time.perf_counter()
+    G = dense_stats.G if dense_stats is not None else {}
+
+    def process_block(i: int, run_block) -> None:
+        acc = HessianAccumulator()
+        with adapter.capture(acc, blocks=[i]):
+            run_block()
+        units = adapter.block_units(i)
+        sparsity = sparsity_of[i] if sparsity_of else target.sparsity
+        for unit in units:
+            W = unit.weight.float()
+            H = acc.hessian(unit.tap) if unit.tap in acc.xtx else None
+            X = H.diagonal() / 2 if H is not None else torch.zeros(W.shape[1], device=W.device)
+            g = G.get(unit.name)
+            scores = metric(W, g.to(W.device, torch.float32) if g is not None and "G" in metric.needs else None,
+                            X if "X" in metric.needs else None)
+            mask = select_mask(scores, sparsity, target.nm, target.group, unit.name)
+            new = sparsegpt_unit(W, H, target, mask=mask) if H is not None else W.masked_fill(mask, 0)
+            unit.weight.copy_(new.to(unit.weight.dtype))
+            report.add_mask(unit.name, mask)
+        report.add_units(units)
+
+    check_pattern_fits({u.name: u.shape for u in adapter.prunable()}, target.nm)
+    run_sequential(model, adapter, windows, process_block, batch_size)
     report.seconds = time.perf_counter() - t0
     return report

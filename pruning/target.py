@@ -12,17 +12,23 @@ from prunerzero.core.protocol import check_sparsity, parse_pattern
 from .masks import GROUPS, MaskDigest
 
 
+UPDATES = ("none", "obs")
+
+
 @dataclass(frozen=True)
 class PruneTarget:
     sparsity: float = 0.5  # fraction pruned per comparison group (ignored for N:M)
     pattern: str = "unstructured"  # or "N:M" (N kept of every M)
     group: str = "row"  # comparison group for unstructured: "row" or "layer"
+    update: str = "none"  # "obs": the kept weights are refit to the pruned ones' outputs (SparseGPT's update)
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
         parse_pattern(self.pattern)
         if self.group not in GROUPS:
             raise ValueError(f"unknown comparison group {self.group!r}: use one of {', '.join(GROUPS)}")
+        if self.update not in UPDATES:
+            raise ValueError(f"unknown weight update {self.update!r}: use one of {', '.join(UPDATES)}")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -33,7 +39,8 @@ class PruneTarget:
         return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
 
     def describe(self) -> str:
-        return f"{self.pattern}" if self.nm else f"{self.sparsity:g} unstructured per {self.group}"
+        base = f"{self.pattern}" if self.nm else f"{self.sparsity:g} unstructured per {self.group}"
+        return base + (" + OBS update" if self.update == "obs" else "")
 
 
 @dataclass

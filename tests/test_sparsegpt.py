@@ -170,3 +170,48 @@ def test_prune_sparsegpt_rejects_bad_patterns_before_touching_weights(tiny_llama
     with pytest.raises(ValueError, match="blocksize 30 must be a multiple of M=4"):
         prune_sparsegpt(tiny_llama, adapter, tiny_windows, PruneTarget(pattern="2:4"), blocksize=30)
     assert all(torch.equal(tiny_llama.state_dict()[k], v) for k, v in dense.items())
+
+
+# ---------------------------------------------------------------- a metric's mask inside the update
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_a_metric_mask_with_the_obs_update_prunes_exactly_that_mask_and_reconstructs_better(tiny_llama, calib,
+                                                                                            pattern):
+    adapter = ModelAdapter(tiny_llama)
+    inputs = _unit_inputs(tiny_llama, adapter, calib)
+    target = PruneTarget(0.5, pattern=pattern, update="obs")
+    for unit in adapter.prunable():
+        X, W = inputs[unit.tap], unit.weight.float()
+        acc = HessianAccumulator()
+        acc(unit.tap, X)
+        mask = select_mask(builtin("wanda")(W, None, (X**2).mean(dim=0)), 0.5, target.nm)
+        updated = sparsegpt_unit(W, acc.hessian(unit.tap), target, mask=mask)
+        assert torch.equal(updated == 0, mask)  # exactly the metric's mask
+        masked = W.masked_fill(mask, 0)
+        assert _error(X, W, updated) < _error(X, W, masked), unit.name
+
+
+def test_the_unstructured_mode_with_obs_update_is_sequential_exact_and_restorable(tiny_llama, tiny_windows):
+    from prunerzero.primitives.stats import collect_stats
+    from prunerzero.pruning.apply import DenseSnapshot
+    from prunerzero.pruning.context import PruneContext
+    from prunerzero.pruning.modes import get_mode
+
+    adapter = ModelAdapter(tiny_llama)
+    stats = collect_stats(tiny_llama, adapter, tiny_windows, need_g=True)
+    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: stats)
+    mode, snapshot = get_mode("unstructured"), DenseSnapshot(adapter.prunable())
+    with torch.no_grad():
+        dense = tiny_llama(tiny_windows).logits
+    plain = mode.apply(ctx, builtin("gradient"), PruneTarget(0.5))
+    plain_logits = tiny_llama(tiny_windows).logits.detach()
+    snapshot.restore()
+    obs = mode.apply(ctx, builtin("gradient"), PruneTarget(0.5, update="obs"))
+    assert obs.sparsity == plain.sparsity == 0.5 and obs.method == "gradient + OBS update"
+    with torch.no_grad():
+        obs_logits = tiny_llama(tiny_windows).logits
+    assert (obs_logits - dense).norm() < (plain_logits - dense).norm()  # the update recovers output
+    snapshot.restore()
+    assert torch.equal(tiny_llama(tiny_windows).logits.detach(), dense)
+    assert PruneTarget(0.5, update="obs").describe() == "0.5 unstructured per row + OBS update"
+    with pytest.raises(ValueError, match="unknown weight update 'lstsq'"):
+        PruneTarget(0.5, update="lstsq")
