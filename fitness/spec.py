@@ -53,8 +53,10 @@ class EvalSpec:
         their fitness caches still answer."""
         d = asdict(self)
         d.pop("device")
-        if self.mode == "unstructured" and self.fitness == "perplexity" and self.target.get("update") == "none":
+        later = {"update": "none", "allocation": "uniform"}  # target fields added since, at their defaults
+        if (self.mode == "unstructured" and self.fitness == "perplexity"
+                and all(self.target.get(k) == v for k, v in later.items())):
             for k in ("mode", "fitness"):
                 d.pop(k)
-            d |= {k: v for k, v in d.pop("target").items() if k != "update"}
+            d |= {k: v for k, v in d.pop("target").items() if k not in later}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

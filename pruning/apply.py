@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .allocation import owl_sparsities
 from .candidates import Allocation, MaskSet, Method
 from .masks import check_pattern_fits, select_mask, zero_masked
 from .sequential import run_sequential
@@ -130,7 +131,9 @@ def apply_unstructured(ctx, candidate, target: PruneTarget) -> PruneReport:
         candidate = candidate.resolved
     if not callable(candidate) or not hasattr(candidate, "needs"):
         raise unsupported("unstructured", candidate)
-    stats = ctx.stats(candidate.needs)
+    stats = ctx.stats(candidate.needs | ({"X"} if target.allocation == "owl" else set()))
+    if target.allocation == "owl" and sparsity_of is None:
+        sparsity_of = owl_sparsities(ctx.units, stats, target.sparsity)
     if target.update == "obs":
         return prune_with_metric_obs(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
                                      sparsity_of=sparsity_of)

@@ -9,6 +9,7 @@ import torch
 
 from prunerzero.core.protocol import check_sparsity, parse_pattern
 
+from .allocation import ALLOCATIONS
 from .masks import GROUPS, MaskDigest
 
 
@@ -21,6 +22,7 @@ class PruneTarget:
     pattern: str = "unstructured"  # or "N:M" (N kept of every M)
     group: str = "row"  # comparison group for unstructured: "row" or "layer"
     update: str = "none"  # "obs": the kept weights are refit to the pruned ones' outputs (SparseGPT's update)
+    allocation: str = "uniform"  # or "owl": sparsity per block by outlier ratio (pruning/allocation.py)
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -29,6 +31,10 @@ class PruneTarget:
             raise ValueError(f"unknown comparison group {self.group!r}: use one of {', '.join(GROUPS)}")
         if self.update not in UPDATES:
             raise ValueError(f"unknown weight update {self.update!r}: use one of {', '.join(UPDATES)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation != "uniform" and self.nm is not None:
+            raise ValueError(f"allocation {self.allocation!r} sets a sparsity per block; pattern {self.pattern} fixes it")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -40,6 +46,8 @@ class PruneTarget:
 
     def describe(self) -> str:
         base = f"{self.pattern}" if self.nm else f"{self.sparsity:g} unstructured per {self.group}"
+        if self.allocation != "uniform":
+            base += f", {self.allocation.upper()} allocation"
         return base + (" + OBS update" if self.update == "obs" else "")
 
 

@@ -18,7 +18,8 @@ def test_explicit_unstructured_mode_equals_the_config_of_earlier_versions(tmp_pa
     legacy = toy_config(tmp_path / "a", eval={"sparsity": 0.6, "group": "row"})
     explicit = toy_config(tmp_path / "b", eval={"mode": "unstructured"}, target={"sparsity": 0.6})
     assert legacy.eval_spec() == explicit.eval_spec()
-    assert explicit.target == {"sparsity": 0.6, "pattern": "unstructured", "group": "row", "update": "none"}
+    assert explicit.target == {"sparsity": 0.6, "pattern": "unstructured", "group": "row", "update": "none",
+                              "allocation": "uniform"}
     a, b = run_campaign(legacy, console=QUIET), run_campaign(explicit, console=QUIET)
     assert _hof(a) == _hof(b) and _search_trace(a) == _search_trace(b)
     written = json.loads((b / "config.json").read_text())

@@ -17,7 +17,7 @@ def test_registry_names_modes_targets_and_methods():
     assert mode.make_target({"pattern": "2:4"}).describe() == "2:4"
     with pytest.raises(ModeError, match="unknown pruning mode 'nope'; modes: unstructured"):
         get_mode("nope")
-    with pytest.raises(ModeError, match=r"target.keep: unknown key; known: group, pattern, sparsity, update \(mode 'unstructured'\)"):
+    with pytest.raises(ModeError, match=r"target.keep: unknown key; known: allocation, group, pattern, sparsity, update \(mode 'unstructured'\)"):
         mode.make_target({"keep": 4})
     with pytest.raises(ModeError, match="target.sparsity: expected float"):
         mode.make_target({"sparsity": "half"})
