@@ -32,6 +32,7 @@ def probe_tensors() -> tuple[dict[str, torch.Tensor], ...]:
                     "X": torch.rand(COLS, generator=g, dtype=torch.float64) * x + x * 0.05})
     out.append(_zeros_and_ties(g))
     out.append(_outliers(g))
+    out.append(_mixed(g))
     return tuple(out)
 
 
@@ -57,6 +58,19 @@ def _outliers(g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"W": torch.randn(ROWS, COLS, generator=g, dtype=torch.float64) * 0.05,
             "G": torch.rand(ROWS, COLS, generator=g, dtype=torch.float64) * 1e-2,
             "X": x}
+
+
+def _mixed(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """All of it at once, as real statistics have it: quantised weights, a fifth of the gradients
+    exactly zero, channels never reached and channels far louder than the rest — so zeros meet
+    outliers (log(G) at G = 0 beside X = 1e3)."""
+    rows, cols = 2 * ROWS, 2 * COLS
+    w = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 6).round() / 16
+    grad = torch.rand(rows, cols, generator=g, dtype=torch.float64) * 0.3
+    grad[torch.rand(rows, cols, generator=g) < 0.2] = 0.0
+    x = torch.rand(cols, generator=g, dtype=torch.float64) * 2 + 0.01
+    x[[4, 17]], x[[9, 26]] = 0.0, torch.tensor([1e3, 3e4], dtype=torch.float64)
+    return {"W": w, "G": grad, "X": x}
 
 
 def probe_scores(metric) -> list[torch.Tensor] | None:
