@@ -41,7 +41,7 @@ from .problems import make_problem
 
 HISTORY_COLUMNS = ["generation", "best_fitness", "median_fitness", "best_formula", "best_key", "unique",
                    "offspring", "evaluations", "cache_hits", "cache_hit_rate", "phenotype_hits", "rejected", "clones", "failed", "eval_windows",
-                   "eval_seconds", "wall_seconds"]
+                   "eval_seconds", "wall_seconds", "refined"]
 HOF_COLUMNS = ["rank", "fitness", "windows", "formula", "key", "generation"]  # + the problem's columns
 EVAL_COLUMNS = ["generation", "key", "formula", "windows", "value", "status", "reason", "seconds", "cached",
                 "same_masks"]

@@ -55,8 +55,8 @@ class Engine:
         self.generation = -1  # the last completed generation
         self.first_seen: dict[str, int] = {}  # canonical key -> generation it was first evaluated
         self.rng_state = random.Random(search.seed).getstate()
-        # per generation: rejections, individuals needing fitness, phenotypic clones penalised
-        self._rejected = self._offspring = self._clones = 0
+        # per generation: rejections, individuals needing fitness, phenotypic clones penalised, refinements
+        self._rejected = self._offspring = self._clones = self._refined = 0
 
     @property
     def done(self) -> bool:
@@ -91,6 +91,7 @@ class Engine:
         self.generation += 1
         offspring = self._prepare_all(offspring)
         self._evaluate(offspring)
+        offspring = self._refine(offspring)
         if self.search.clone_penalty:
             self._penalise_clones(offspring)
         self.population = offspring + elites
@@ -131,6 +132,36 @@ class Engine:
             ind.fitness.values = (m.windows, m.result.fitness)
             self.first_seen.setdefault(ind.key, self.generation)
 
+    def _refine(self, offspring: list) -> list:
+        """Local refinement (a problem with `refine` > 0, e.g. metric constants): the problem's
+        variants of the best offspring are prepared and measured like any candidate, and a
+        variant that measures better takes its parent's place. No randomness: resumes alike."""
+        count = getattr(self.problem, "refine", 0)
+        if not count:
+            return offspring
+        ranked = sorted((i for i in offspring if i.fitness.values[1] < WORST_FITNESS),
+                        key=lambda i: (-i.fitness.values[0], i.fitness.values[1]))
+        trials, refined = [], 0
+        for parent in ranked:  # the best `count` that have something to refine
+            if refined == count:
+                break
+            variants = self.problem.refinements(parent)
+            refined += bool(variants)
+            for variant in variants:
+                outcome = self.problem.prepare(variant)
+                if outcome.ok and outcome.individual.key != parent.key:
+                    trials.append((parent, outcome.individual))
+        if not trials:
+            return offspring
+        self._evaluate([v for _, v in trials])
+        self._refined += len(trials)
+        winners = {}
+        for parent, variant in trials:
+            incumbent = winners.get(id(parent), parent)
+            if variant.fitness.values[1] < WORST_FITNESS and variant.fitness > incumbent.fitness:
+                winners[id(parent)] = variant
+        return [winners.get(id(ind), ind) for ind in offspring]
+
     def _penalise_clones(self, offspring: list) -> None:
         """Phenotypic de-duplication. Pruning depends only on what a candidate does to the model,
         and different candidates often do the same (abs(W), sqrt(W), tanh(abs(W)) order weights
@@ -164,10 +195,11 @@ class Engine:
             "offspring": self._offspring,
             "rejected": self._rejected,
             "clones": self._clones,
+            "refined": self._refined,
             **self.extra_stats(),
             "wall_seconds": wall_s,
         }
-        self._rejected = self._offspring = self._clones = 0
+        self._rejected = self._offspring = self._clones = self._refined = 0
         self.logbook.record(**record)
         return record
 

@@ -31,6 +31,7 @@ from functools import lru_cache
 
 from deap import base, creator, gp, tools
 
+from prunerzero.core.fields import build
 from prunerzero.primitives.expression import Node, parse
 from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.operators import OPERATORS
@@ -43,6 +44,12 @@ OPERATOR_SETS: dict[str, tuple[str, ...]] = {
                     "tanh", "sigmoid", "mms", "zscore"),
 }
 OPERATOR_SETS["extended"] = OPERATOR_SETS["pruner-zero"] + ("rownorm", "colnorm")
+OPERATOR_SETS["constants"] = OPERATOR_SETS["extended"] + ("pow",)  # with [problem] constants = true
+
+# Ephemeral constants are drawn from this grid (it holds RIA's and Wanda's exponent 0.5); the
+# refinement moves them off it (x0.5, x2, ±0.25) where that measures better.
+CONSTANTS = (-1.0, -0.5, 0.25, 0.5, 1.0, 2.0, 3.0)
+REFINE_MOVES = (lambda c: c * 0.5, lambda c: c * 2.0, lambda c: c - 0.25, lambda c: c + 0.25)
 
 # DEAP's creator classes are module globals of `deap.creator`: create them once per process.
 # Fitness values are (evaluation windows, perplexity) with weights (+1, -1): compared
@@ -64,15 +71,22 @@ def operator_set(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown operator set {name!r}; known: {', '.join(OPERATOR_SETS)}") from None
 
 
+def draw_constant() -> float:
+    return random.choice(CONSTANTS)
+
+
 @lru_cache(maxsize=None)
-def primitive_set(set_name: str = "pruner-zero") -> gp.PrimitiveSet:
+def primitive_set(set_name: str = "pruner-zero", constants: bool = False) -> gp.PrimitiveSet:
     """The primitive set of an operator set: one per name and process (DEAP trees refer to its
-    primitives; the functions are never called — trees are scored through `Node`)."""
+    primitives; the functions are never called — trees are scored through `Node`). With
+    `constants`, ephemeral constants join the terminals."""
     pset = gp.PrimitiveSet("metric", len(TERMINALS))
     pset.renameArguments(**{f"ARG{i}": t for i, t in enumerate(TERMINALS)})
     for name in operator_set(set_name):
         op = OPERATORS[name]
         pset.addPrimitive(op.torch_fn, op.arity, name=op.name)
+    if constants:
+        pset.addEphemeralConstant(f"pz_constant_{set_name.replace('-', '_')}", draw_constant)
     return pset
 
 
@@ -127,19 +141,31 @@ def mutate(individual, expr, pset, point_prob: float):
     return gp.mutUniform(individual, expr, pset)
 
 
+@dataclass(frozen=True)
+class MetricOptions:
+    constants: bool = False  # ephemeral constants among the terminals (pair with operators = "constants")
+    refine: int = 0  # each generation, the constants of this many of the best offspring are refined
+
+
 class MetricProblem:
     """GP over metric trees (Pruner-Zero): ramped half-and-half trees, one-point crossover, point
     and subtree mutation under static depth and size limits; Opposing Operation Simplification
-    prepares every offspring (a rejected one is redrawn by the engine)."""
+    prepares every offspring (a rejected one is redrawn by the engine). With constants, trees
+    hold numbers drawn from a grid, and the best offspring's numbers are refined by a few
+    deterministic moves, each measured like any candidate (`refinements`)."""
 
     name = "metric"
     columns = ("size", "depth")  # its own hall-of-fame columns
 
     def __init__(self, search, options: dict | None = None):
-        if options:
-            raise ValueError(f"problem 'metric' takes no [problem] options, got {sorted(options)}")
+        self.options = build(MetricOptions, dict(options or {}), "problem", ValueError)
+        if self.options.refine < 0:
+            raise ValueError("problem.refine: must be >= 0")
+        if self.options.refine and not self.options.constants:
+            raise ValueError("problem.refine: refines constants; set problem.constants = true")
         self.search = search
-        self.pset = primitive_set(search.operators)
+        self.refine = self.options.refine
+        self.pset = primitive_set(search.operators, self.options.constants)
         self.ops = frozenset(operator_set(search.operators))
 
     def toolbox(self) -> base.Toolbox:
@@ -187,3 +213,36 @@ class MetricProblem:
         ind = from_string(data, self.pset)
         ind.key = Metric(data, to_node(ind)).key
         return ind
+
+    def refinements(self, ind) -> list:
+        """Trees with one constant moved (x0.5, x2, -0.25, +0.25), for the first two constants:
+        deterministic, so a resumed campaign refines alike."""
+        node = to_node(ind)
+        out = []
+        for path in _constant_paths(node)[:2]:
+            value = _at(node, path).value
+            for move in REFINE_MOVES:
+                moved = round(move(value), 6)
+                if moved != value:
+                    out.append(from_node(_replace(node, path, Node("const", (), moved)), self.pset))
+        return out
+
+
+def _constant_paths(node: Node, path: tuple = ()) -> list[tuple]:
+    if node.name == "const":
+        return [path]
+    return [p for i, c in enumerate(node.children) for p in _constant_paths(c, (*path, i))]
+
+
+def _at(node: Node, path: tuple) -> Node:
+    for i in path:
+        node = node.children[i]
+    return node
+
+
+def _replace(node: Node, path: tuple, new: Node) -> Node:
+    if not path:
+        return new
+    kids = list(node.children)
+    kids[path[0]] = _replace(kids[path[0]], path[1:], new)
+    return Node(node.name, tuple(kids), node.value)

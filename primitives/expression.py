@@ -212,14 +212,13 @@ def _from_mul(expr: sympy.Mul) -> Node:
 
 
 def _from_pow(base: sympy.Expr, exp: sympy.Expr) -> Node:
-    if not exp.is_Rational:
-        raise ExpressionError(f"cannot express the power {base}**{exp} with the operator table")
+    if not exp.is_Rational or exp.q & (exp.q - 1):
+        # not a chain of square roots: the pow operator, |base|^exp (a set without it refuses the tree)
+        return Node("pow", (from_sympy(base), from_sympy(exp)))
     e = Fraction(int(exp.p), int(exp.q))
     if e < 0:
         return Node("div", (const(1.0), _from_pow(base, sympy.Rational(-e.numerator, e.denominator))))
     b = from_sympy(base)
-    if e.denominator & (e.denominator - 1):
-        raise ExpressionError(f"cannot express the power {base}**{exp}: only square roots are operators")
     # x**(p/2^k): k square roots of x**p
     out = _int_power(b, e.numerator)
     d = e.denominator

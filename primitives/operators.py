@@ -117,6 +117,10 @@ def op_exp(a):
     return a.clamp(max=EXP_MAX).exp()
 
 
+def op_pow(a, b):
+    return a.abs().pow(b)
+
+
 def op_tanh(a):
     return a.tanh()
 
@@ -167,6 +171,7 @@ OPERATORS: dict[str, Operator] = {
         Operator("log", 1, op_log, lambda a: sympy.log(sympy.Abs(a)), "log(|a| + 1e-8)"),
         Operator("exp", 1, op_exp, sympy.exp, "exp(min(a, 60))"),
         Operator("tanh", 1, op_tanh, sympy.tanh, "tanh(a)"),
+        Operator("pow", 2, op_pow, lambda a, b: sympy.Abs(a) ** b, "|a|^b (RIA's |x|^0.5 with an evolved exponent)"),
         Operator("sigmoid", 1, op_sigmoid, Sigmoid, "1 / (1 + exp(-a))"),
         Operator("mms", 1, op_mms, Mms, "min-max scale over the layer: (a - min) / (max - min)"),
         Operator("zscore", 1, op_zscore, Zscore, "(a - mean) / std over the layer"),
