@@ -31,6 +31,9 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
+# A second corpus for transfer checks: Melville's Moby Dick, shipped by the R tokenizers package
+MOBYDICK_PACKAGE = "r-cran-tokenizers"
+MOBYDICK_DATA = "usr/lib/R/site-library/tokenizers/data"
 # Order of publication, so that the text (and every position split of it) is fixed.
 AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 # Wanda's C4 evaluation shard.
@@ -109,7 +112,7 @@ def load_text(spec: str) -> CorpusText:
         return _read_local(path)
     if spec.endswith(".txt") or os.sep in spec:
         raise CorpusError(f"corpus file not found: {spec}")
-    raise CorpusError(f"unknown corpus {spec!r}: use austen, wikitext2, c4 or a path to a text file")
+    raise CorpusError(f"unknown corpus {spec!r}: use austen, mobydick, wikitext2, c4 or a path to a text file")
 
 
 def fetch_corpus(name: str, force: bool = False) -> Path:
@@ -146,6 +149,14 @@ def _fetch_austen() -> str:
         return austen_text_from_rdata(root / AUSTEN_DATA)
 
 
+def _fetch_mobydick() -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        deb = _apt_download(MOBYDICK_PACKAGE, Path(tmp))
+        root = Path(tmp) / "root"
+        _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
+        return mobydick_text_from_rdata(root / MOBYDICK_DATA)
+
+
 def _apt_download(package: str, dest: Path) -> Path:
     proc = _run(["apt-get", "download", package], f"downloading {package}", cwd=dest, check=False)
     if proc.returncode != 0 and "Unable to locate package" in proc.stderr:
@@ -171,23 +182,40 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, check: bool = True)
     return proc
 
 
-def austen_text_from_rdata(data_dir: Path) -> str:
-    """Read the six novels from janeaustenr's R lazy-load database (Rdata.rdx index + Rdata.rdb).
+def r_objects(data_dir: Path, names) -> dict:
+    """Objects of an R package's lazy-load database (Rdata.rdx index + Rdata.rdb).
 
     The .rdx is gzip'd R serialization of {object name: (offset, length)}; each object in the
-    .rdb is a 4-byte length followed by a zlib stream of R serialization (a vector of lines).
+    .rdb is a 4-byte length followed by a zlib stream of R serialization.
     """
     index = _parse_r(gzip.decompress((data_dir / "Rdata.rdx").read_bytes()))["variables"]
-    missing = [b for b in AUSTEN_BOOKS if b not in index]
+    missing = [n for n in names if n not in index]
     if missing:
-        raise CorpusError(f"{data_dir}/Rdata.rdx lacks the books {missing}; it has {sorted(index)}")
+        raise CorpusError(f"{data_dir}/Rdata.rdx lacks {missing}; it has {sorted(index)}")
     rdb = (data_dir / "Rdata.rdb").read_bytes()
-    books = []
-    for book in AUSTEN_BOOKS:
-        offset, length = (int(v) for v in index[book])
-        lines = _parse_r(zlib.decompress(rdb[offset + 4 : offset + length]))
-        books.append("\n".join(lines.tolist()))
-    return "\n\n".join(books)
+    out = {}
+    for name in names:
+        offset, length = (int(v) for v in index[name])
+        out[name] = _parse_r(zlib.decompress(rdb[offset + 4 : offset + length]))
+    return out
+
+
+def austen_text_from_rdata(data_dir: Path) -> str:
+    """The six novels, each a vector of lines, joined in order of publication."""
+    books = r_objects(data_dir, AUSTEN_BOOKS)
+    return "\n\n".join("\n".join(books[b].tolist()) for b in AUSTEN_BOOKS)
+
+
+def mobydick_text_from_rdata(data_dir: Path) -> str:
+    """Moby Dick without Project Gutenberg's header and licence."""
+    text = str(r_objects(data_dir, ["mobydick"])["mobydick"][0])
+    start = text.find("*** START OF")
+    end = text.find("*** END OF")
+    if start >= 0:
+        text = text[text.index("\n", start) + 1:]
+    if end >= 0:
+        text = text[: text.find("*** END OF")]
+    return text.strip() + "\n"
 
 
 def _parse_r(raw: bytes):
@@ -227,9 +255,11 @@ def _hf_load(name: str, *args, **kwargs):
         ) from e
 
 
-FETCHERS: dict[str, Callable[[], str]] = {"austen": _fetch_austen, "wikitext2": _fetch_wikitext2, "c4": _fetch_c4}
+FETCHERS: dict[str, Callable[[], str]] = {"austen": _fetch_austen, "mobydick": _fetch_mobydick,
+                                          "wikitext2": _fetch_wikitext2, "c4": _fetch_c4}
 _SOURCES = {
     "austen": f"Debian package {AUSTEN_PACKAGE}",
+    "mobydick": f"Debian package {MOBYDICK_PACKAGE} (its mobydick data set)",
     "wikitext2": "Hugging Face wikitext/wikitext-2-raw-v1 (train+validation+test)",
     "c4": f"Hugging Face allenai/c4 {C4_SHARD}",
 }

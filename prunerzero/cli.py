@@ -23,7 +23,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 # Options shared by the commands that measure (the protocol of DESIGN.md, defaults included).
 Model = Annotated[str, typer.Option(help="Zoo name, local model directory or Hugging Face hub id.")]
-Corpus = Annotated[str, typer.Option(help="austen, wikitext2, c4 or a path to a text file.")]
+Corpus = Annotated[str, typer.Option(help="austen, mobydick, wikitext2, c4 or a path to a text file.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
 CalibWindows = Annotated[int, typer.Option(help="Calibration windows (random, from the train split).")]
 EvalWindows = Annotated[int, typer.Option(help="At most this many evaluation windows.")]

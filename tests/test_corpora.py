@@ -210,3 +210,15 @@ def test_real_austen_has_six_novels_in_publication_order():
     positions = [f"\n{text}".find(f"\n{title}\n") for title in titles]
     assert -1 not in positions and positions == sorted(positions)
     assert len(text) > 3.5e6
+
+
+def test_mobydick_is_read_from_the_r_data_set_without_gutenbergs_header_and_licence(monkeypatch, tmp_path):
+    import numpy as np
+
+    from prunerzero.models import corpora
+
+    book = ("The Project Gutenberg EBook of Moby Dick\nlicence...\n*** START OF THIS PROJECT GUTENBERG EBOOK MOBY DICK ***\n"
+            "Call me Ishmael.\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nmore licence")
+    monkeypatch.setattr(corpora, "r_objects", lambda data_dir, names: {"mobydick": np.array([book])})
+    assert corpora.mobydick_text_from_rdata(tmp_path) == "Call me Ishmael.\n"
+    assert "mobydick" in corpora.FETCHERS
