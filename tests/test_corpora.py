@@ -129,7 +129,7 @@ def test_bad_window_arguments_are_rejected():
 
 
 def test_unknown_corpus_and_missing_file_are_errors(cache):
-    with pytest.raises(CorpusError, match="unknown corpus 'pile': use austen, wikitext2, c4 or a path"):
+    with pytest.raises(CorpusError, match="unknown corpus 'pile': use austen, mobydick, wikitext2, c4 or a path"):
         load_text("pile")
     with pytest.raises(CorpusError, match="not found: nowhere/book.txt"):
         load_text("nowhere/book.txt")
