@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,15 +60,33 @@ def model_source(name: str, fetch: bool = True) -> str:
     )
 
 
+# Models a pruning mode saved in a shape transformers' config cannot express: the marker file in
+# the model directory -> a function (directory, dtype) -> model. Modes register themselves
+# (pruning/modes.py), so this floor needs no knowledge of them.
+RESHAPED: dict[str, Callable] = {}
+
+
+def _from_pretrained(src: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    for marker, load in RESHAPED.items():
+        if (Path(src) / marker).is_file():
+            return load(src, dtype)
+    if Path(src).is_dir() and any(Path(src).glob("prunerzero_*.json")):
+        raise ModelLoadError(f"{src} holds a model a pruning mode reshaped: load it through prunerzero "
+                             "(import prunerzero.pruning.modes first, which registers the loaders)")
+    return AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+
+
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     src = model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dt)
+        model = _from_pretrained(src, dt)
     except OSError as e:
         raise ModelLoadError(
             f"could not load model {name!r} from {src!r}: {e}\n"

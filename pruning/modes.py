@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from prunerzero.core.fields import build
+from prunerzero.models.loading import RESHAPED
 from prunerzero.primitives.metric import resolve_metric
 
 from .candidates import Method
@@ -93,3 +94,15 @@ register(Mode(
     methods={"sparsegpt": Method("sparsegpt", stats_mode="sequential")},
     check=_unstructured.check_unstructured,
 ))
+
+from . import structured as _structured  # noqa: E402
+
+register(Mode(
+    "structured",
+    "heads, MLP channel groups, sublayers and blocks sliced out under a measured latency budget, chosen by a MILP (MDP)",
+    _structured.StructuredTarget, _structured.apply_structured,
+    methods=_structured.METHODS, writes_weights=False,
+    check=lambda ctx, target: _structured.check_structured(ctx, target),
+    save=_structured.save_structured,
+))
+RESHAPED[_structured.MARKER] = _structured.load_structured

@@ -15,7 +15,7 @@ def test_registry_names_modes_targets_and_methods():
     assert mode.target is PruneTarget and "sparsegpt" in mode.methods
     assert mode.make_target({"pattern": "2:4"}) == PruneTarget(0.5, "2:4", "row")
     assert mode.make_target({"pattern": "2:4"}).describe() == "2:4"
-    with pytest.raises(ModeError, match="unknown pruning mode 'nope'; modes: unstructured"):
+    with pytest.raises(ModeError, match="unknown pruning mode 'nope'; modes: unstructured, structured"):
         get_mode("nope")
     with pytest.raises(ModeError, match=r"target.keep: unknown key; known: allocation, group, pattern, sparsity, update \(mode 'unstructured'\)"):
         mode.make_target({"keep": 4})

@@ -1,0 +1,64 @@
+"""ShortGPT's baseline: remove whole blocks in order of least block influence, BI = 1 − cos(input,
+output) of the block's hidden states averaged over calibration tokens, until the latency table
+predicts the budget is met."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .selection import Selection, SelectionError
+
+
+@torch.no_grad()
+def block_influence(ctx) -> np.ndarray:
+    if "block_influence" in ctx.memo:
+        return ctx.memo["block_influence"]
+    blocks = ctx.adapter.blocks
+    total = np.zeros(len(blocks))
+    count = 0
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(mod, args, kwargs, out, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            total[i] += float((1 - cos).sum())
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        for window in ctx.calibration:
+            ctx.model(window[None].to(ctx.device), use_cache=False)
+            count += window.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    ctx.memo["block_influence"] = total / max(count, 1)
+    return ctx.memo["block_influence"]
+
+
+def shortgpt_plan(ctx, table, target) -> tuple[list[dict], Selection]:
+    t0 = time.perf_counter()
+    bi = block_influence(ctx)
+    phase = target.phase
+    n = len(bi)
+    opts = table.options(phase)
+    attn, mlp = opts.full
+    dense = table.dense_latency(phase)
+    removed = [False] * n
+    for b in np.argsort(bi, kind="stable"):
+        if opts.latency(attn, mlp, removed) <= target.latency * dense:
+            break
+        attn[b], mlp[b], removed[b] = 0, 0, True
+    latency = opts.latency(attn, mlp, removed)
+    if latency > target.latency * dense:
+        raise SelectionError(f"ShortGPT cannot reach {target.latency:g}x the dense latency")
+    attention, width = ctx.structure.attentions[0], ctx.structure.mlps[0].width
+    all_heads = [list(range(k * attention.group_size, (k + 1) * attention.group_size))
+                 for k in range(attention.n_kv_heads)]
+    plan = [{"heads": None if gone else all_heads, "channels": None if gone else list(range(width)), "removed": gone}
+            for gone in removed]
+    sel = Selection(attn, mlp, removed, -float(bi[np.asarray(removed, bool)].sum()), latency, "shortgpt",
+                    time.perf_counter() - t0)
+    return plan, sel
