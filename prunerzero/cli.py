@@ -110,6 +110,7 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
               sparsity: Annotated[Optional[float], typer.Option(help="Fraction pruned (unstructured; default 0.5).")] = None,
               pattern: Annotated[Optional[str], typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = None,
               group: Annotated[Optional[str], typer.Option(help="Comparison group: row or layer.")] = None,
+              latency: Annotated[Optional[float], typer.Option(help="Latency budget as a fraction of the dense model's, measured on this machine (structured mode; default 0.7).")] = None,
               set_: SetOpt = None,
               corpus: Corpus = "austen", seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128,
               eval_windows: EvalWindows = 128, seed: Seed = 0, stats_mode: StatsMode = "one-shot",
@@ -120,7 +121,8 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
     from prunerzero.jobs import prune_and_save
     from prunerzero.pruning.modes import get_mode
 
-    fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group}, set_)
+    fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group, "latency": latency},
+                            set_)
     target = get_mode(mode).make_target(fields, "target")
     get_mode(mode).candidate(metric)  # a bad metric fails before the model loads
     prune_and_save(model, metric, target, out, corpus,
@@ -137,6 +139,7 @@ def leaderboard_cmd(
         sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities (unstructured mode).")] = "0.5",
         pattern: Annotated[str, typer.Option(help="Comma-separated patterns (unstructured mode).")] = "unstructured,2:4",
         group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
+        latency: Annotated[Optional[str], typer.Option(help="Comma-separated latency budgets, fractions of the dense model's (structured mode).")] = None,
         set_: SetOpt = None,
         split: Annotated[str, typer.Option(help="Split the rows are measured on.")] = "test",
         seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128, eval_windows: EvalWindows = 128,
@@ -158,6 +161,8 @@ def leaderboard_cmd(
             targets = unstructured_targets([_number(s, "--sparsity") for s in _split_list(sparsity)],
                                            _split_list(pattern), group)
             targets = [t | _target_fields(mode, {}, set_) for t in targets]
+        elif latency is not None:
+            targets = [_target_fields(mode, {"latency": _number(x, "--latency")}, set_) for x in _split_list(latency)]
         else:
             targets = [_target_fields(mode, {}, set_)]
         timing = SpeedProtocol(speed_batch, speed_seq_len) if speed else None

@@ -157,13 +157,13 @@ def solve_greedy(opts: Options, budget: float) -> Selection:
 
 
 def solve_uniform(opts: Options, budget: float) -> Selection:
-    """The same attention and MLP option in every block (uniform head and channel pruning): the
-    pair with the most importance that meets the budget."""
+    """The same attention and MLP option in every block (uniform head and channel pruning, no
+    sublayer removed): the pair with the most importance that meets the budget."""
     t0 = time.perf_counter()
     n = len(opts.rest)
     best = None
-    for a in range(opts.attn_latency.shape[1]):
-        for m in range(opts.mlp_latency.shape[1]):
+    for a in range(1, opts.attn_latency.shape[1]):
+        for m in range(1, opts.mlp_latency.shape[1]):
             attn, mlp = [a] * n, [m] * n
             removed = [a == 0 and m == 0] * n
             if opts.latency(attn, mlp, removed) <= budget:

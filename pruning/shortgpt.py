@@ -7,35 +7,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
+from .influence import block_influence
 from .selection import Selection, SelectionError
-
-
-@torch.no_grad()
-def block_influence(ctx) -> np.ndarray:
-    if "block_influence" in ctx.memo:
-        return ctx.memo["block_influence"]
-    blocks = ctx.adapter.blocks
-    total = np.zeros(len(blocks))
-    count = 0
-    handles = []
-    for i, block in enumerate(blocks):
-        def hook(mod, args, kwargs, out, i=i):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            total[i] += float((1 - cos).sum())
-        handles.append(block.register_forward_hook(hook, with_kwargs=True))
-    try:
-        for window in ctx.calibration:
-            ctx.model(window[None].to(ctx.device), use_cache=False)
-            count += window.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    ctx.memo["block_influence"] = total / max(count, 1)
-    return ctx.memo["block_influence"]
 
 
 def shortgpt_plan(ctx, table, target) -> tuple[list[dict], Selection]:

@@ -24,6 +24,7 @@ import torch
 from prunerzero.models.structure import Group, Part
 
 from .candidates import Method
+from .influence import removal_losses, scale_to_losses
 from .interventions import Edits
 from .latency import PHASES, LatencyTable, load_or_measure
 from .reduce import check_reducer, reduce_groups, weight_scores
@@ -33,6 +34,7 @@ from .slicing import slice_attention, slice_mlp
 from .target import PruneReport
 
 RECOVERIES = ("none", "lsq")
+SCALES = ("none", "removal")
 METHODS = {"taylor": Method("taylor"), "shortgpt": Method("shortgpt")}
 
 
@@ -44,6 +46,7 @@ class StructuredTarget:
     solver: str = "milp"  # or the baselines "greedy", "uniform"
     reducer: str = "sum"  # weight scores -> unit scores (pruning/reduce.py)
     normalize: str = "none"
+    scale: str = "removal"  # "removal": each sublayer's unit scores sum to its measured removal loss (influence.py)
     recovery: str = "none"  # "lsq": refit o_proj / down_proj on calibration data, no training
     batch: int = 1  # the shape the latency table is measured at
     seq_len: int = 256
@@ -57,6 +60,8 @@ class StructuredTarget:
             raise ValueError(f"channel group width must be >= 1, got {self.width}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}")
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown importance scale {self.scale!r}: use one of {', '.join(SCALES)}")
         if self.recovery not in RECOVERIES:
             raise ValueError(f"unknown recovery {self.recovery!r}: use one of {', '.join(RECOVERIES)}")
         if self.batch < 1 or self.seq_len < 1:
@@ -64,7 +69,8 @@ class StructuredTarget:
         check_reducer(self.reducer, self.normalize)
 
     def describe(self) -> str:
-        extra = "" if self.recovery == "none" else f" + {self.recovery} recovery"
+        extra = "" if self.scale == "removal" else f", {self.scale} scale"
+        extra += "" if self.recovery == "none" else f" + {self.recovery} recovery"
         return f"{self.latency:g}x {self.phase} latency, {self.solver}{extra}"
 
 
@@ -92,7 +98,8 @@ def unit_importance(ctx, candidate, target: StructuredTarget) -> dict[str, np.nd
         scores = weight_scores(candidate, ctx.stats(candidate.needs), units.values())
         reduce = lambda gs: reduce_groups(gs, scores, target.reducer, target.normalize)  # noqa: E731
     n = len(s.blocks)
-    return {k: reduce(gs).cpu().numpy().reshape(n, -1) for k, gs in groups.items()}
+    imp = {k: reduce(gs).cpu().numpy().reshape(n, -1) for k, gs in groups.items()}
+    return scale_to_losses(imp, removal_losses(ctx)) if target.scale == "removal" else imp
 
 
 def taylor_scores(ctx) -> dict[str, torch.Tensor]:

@@ -62,6 +62,10 @@ def run(*args):
     (["prune", "--out", "x", "--set", "sparsity"], "write KEY=VALUE"),
     (["leaderboard", "--mode", "nope"], "unknown pruning mode 'nope'"),
     (["leaderboard", "--sparsity", "half"], "--sparsity: 'half' is not a number"),
+    (["prune", "--out", "x", "--latency", "0.7"], "target.latency: unknown key"),
+    (["prune", "--out", "x", "--mode", "structured", "--latency", "1.5"], "latency budget 1.5 must be a fraction"),
+    (["prune", "--out", "x", "--mode", "structured", "--set", "solver=cplex"], "unknown solver 'cplex'"),
+    (["leaderboard", "--mode", "structured", "--latency", "fast"], "--latency: 'fast' is not a number"),
 ])
 def test_bad_mode_input_fails_before_any_work(args, needle):
     code, out = run(*args)

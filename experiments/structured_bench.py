@@ -1,0 +1,185 @@
+"""Structured pruning (MDP) on the real smollm2-135m: test perplexity, parameters and measured
+latency of the pruned models at several budgets, the MILP beside its baselines.
+
+    python experiments/structured_bench.py                       # budgets 0.8, 0.6, 0.5 of dense prefill
+    python experiments/structured_bench.py --budgets 0.7 --eval-windows 8   # quicker
+
+For every budget (a fraction of the dense model's prefill latency at batch 1 x 256 tokens, as
+the latency table measured on this machine predicts it) and every method: the plan's predicted
+latency, the pruned model's *measured* prefill latency and decode tokens/s against the dense
+model's (timed interleaved, median of repeats), parameters, and test perplexity. Writes
+results/STRUCTURED.md and results/structured_bench.json. `--lock FILE` holds an exclusive flock
+on FILE while timing (for machines where other jobs run beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import machine  # noqa: E402
+
+from prunerzero.core.protocol import Protocol  # noqa: E402
+from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
+from prunerzero.fitness.spec import EvalSpec  # noqa: E402
+from prunerzero.fitness.speed import compare, ratio  # noqa: E402
+from prunerzero.pruning.structured import latency_table  # noqa: E402
+
+DISCOVERED = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-1.py:metric"
+# (label, candidate, target fields beyond the budget): the MILP with each importance, then the baselines
+METHODS = [
+    ("MILP, wanda", "wanda", {}),
+    ("MILP, discovered metric", DISCOVERED, {}),
+    ("MILP, Taylor", "taylor", {}),
+    ("MILP, wanda, unscaled", "wanda", {"scale": "none"}),
+    ("MILP, wanda + LSQ refit", "wanda", {"recovery": "lsq"}),
+    ("MILP, discovered metric + LSQ refit", DISCOVERED, {"recovery": "lsq"}),
+    ("greedy, wanda", "wanda", {"solver": "greedy"}),
+    ("uniform, wanda", "wanda", {"solver": "uniform"}),
+    ("ShortGPT (blocks)", "shortgpt", {}),
+]
+BASELINES = ("greedy", "uniform", "ShortGPT")
+
+
+THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | None):
+    """With a lock file: hold it exclusively, with all threads, while timing; run everything else
+    on one thread (a busy second core stalls two-thread kernels)."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        torch.set_num_threads(THREADS)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_one(ev: Evaluator, label, candidate, target, ids, lock, repeats, timed=True) -> dict:
+    t0 = time.perf_counter()
+    report = ev.prune(candidate, target)
+    prune_s = time.perf_counter() - t0
+    ppl = ev.measure().perplexity
+    pruned = copy.deepcopy(ev.model)
+    params = sum(p.numel() for p in pruned.parameters())
+    ev.restore()
+    x = report.extra
+    if not timed:  # quality only
+        row = {"method": label, "budget": target.latency, "perplexity": ppl, "params": params,
+               "predicted_ratio": x["predicted_ratio"], "prune_seconds": prune_s}
+        print(json.dumps(row), flush=True)
+        return row
+    with exclusive(lock):
+        speed = compare({"dense": ev.model, "pruned": pruned}, ids, repeats=repeats, decode_tokens=8)
+    row = {"method": label, "budget": target.latency, "perplexity": ppl, "params": params,
+           "predicted_ratio": x["predicted_ratio"], "measured_ratio": 1 / ratio(speed["pruned"], speed["dense"]),
+           "prefill_ms": speed["pruned"].prefill_ms, "dense_prefill_ms": speed["dense"].prefill_ms,
+           "prefill_tokens_per_s": speed["pruned"].prefill_tokens_per_s,
+           "decode_tokens_per_s": speed["pruned"].decode_tokens_per_s,
+           "dense_decode_tokens_per_s": speed["dense"].decode_tokens_per_s,
+           "solver_gap": x["solver_gap"], "solver_seconds": x["solver_seconds"], "prune_seconds": prune_s,
+           **{k: x[k] for k in ("blocks_removed", "attention_removed", "mlp_removed", "heads_kept", "channels_kept")}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="0.8,0.6,0.5")
+    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--methods", default="", help="comma-separated labels' prefixes to run (default: all)")
+    ap.add_argument("--lock", default=None)
+    ap.add_argument("--no-speed", action="store_true", help="perplexity only (no timing of the pruned models)")
+    ap.add_argument("--out", default="results/STRUCTURED.md")
+    args = ap.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
+    spec = EvalSpec(split="test", protocol=protocol, mode="structured", target={"width": args.width})
+    ev = Evaluator(spec, log=print)
+    dense_ppl = ev.measure().perplexity
+    print(f"dense test perplexity {dense_ppl:.3f}", flush=True)
+    target0 = ev.target
+    t0 = time.perf_counter()
+    with exclusive(args.lock):
+        table = latency_table(ev.ctx, target0)
+    table_s = time.perf_counter() - t0
+    if args.no_speed or args.lock:
+        torch.set_num_threads(1)  # nothing else is timed outside the lock: leave the other core to others
+    ids = torch.randint(0, ev.model.config.vocab_size, (target0.batch, target0.seq_len),
+                        generator=torch.Generator().manual_seed(1))
+    methods = [m for m in METHODS if not args.methods or any(m[0].startswith(p) for p in args.methods.split(","))]
+    rows = []
+    for budget in budgets:
+        for label, cand, fields in methods:
+            target = ev.mode.make_target({"latency": budget, "width": args.width, **fields})
+            rows.append(run_one(ev, label, ev.candidate(cand), target, ids, args.lock, args.repeats,
+                                not args.no_speed))
+    doc = {"machine": machine(), "command": "python experiments/structured_bench.py " + " ".join(argv or sys.argv[1:]),
+           "dense_perplexity": dense_ppl, "latency_table_seconds": table_s, "table": table.to_data(), "rows": rows}
+    out = Path(args.out)
+    out.with_name(out.stem.lower() + "_bench.json").write_text(json.dumps(doc, indent=1))
+    if not args.no_speed:
+        out.write_text(render(doc, protocol))
+    print(f"wrote {out}")
+
+
+def render(doc: dict, protocol: Protocol) -> str:
+    rows = doc["rows"]
+    lines = [
+        "# Structured pruning (MDP) on smollm2-135m", "",
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {doc['machine']}  ",
+        f"Protocol: {protocol.describe()}; test split of austen. Dense test perplexity **{doc['dense_perplexity']:.3f}**.  ",
+        f"Latency table measured here in {doc['latency_table_seconds']:.0f} s (batch {doc['table']['batch']} x "
+        f"{doc['table']['seq_len']} tokens prefill, one-token decode; channel groups of {doc['table']['width']}).", "",
+        "Budget = the pruned model's prefill latency as a fraction of the dense model's, as the table predicts; "
+        "*measured* = the pruned model timed against the dense one, interleaved, median of per-repeat ratios.", "",
+        "| budget | method | test ppl | params (M) | predicted | measured | prefill ms | decode tok/s (dense) | "
+        "blocks / attn / MLP removed | heads | channels |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['budget']:g} | {r['method']} | {r['perplexity']:.2f} | {r['params'] / 1e6:.1f} | "
+            f"{r['predicted_ratio']:.3f} | {r['measured_ratio']:.3f} | {r['prefill_ms']:.0f} | "
+            f"{r['decode_tokens_per_s']:.1f} ({r['dense_decode_tokens_per_s']:.1f}) | "
+            f"{r['blocks_removed']} / {r['attention_removed']} / {r['mlp_removed']} | {r['heads_kept']} | "
+            f"{r['channels_kept']} |")
+    lines += ["", "## MILP against the best baseline at each budget", "",
+              "| budget | best MILP | ppl | best baseline | ppl | MILP better by | prediction error (MILP rows, median) |",
+              "|---:|---|---:|---|---:|---:|---:|"]
+    for budget in sorted({r["budget"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["budget"] == budget]
+        milp = [r for r in at if r["method"].startswith("MILP")]
+        base = [r for r in at if r["method"].startswith(BASELINES)]
+        if not milp or not base:
+            continue
+        m, b = min(milp, key=lambda r: r["perplexity"]), min(base, key=lambda r: r["perplexity"])
+        err = statistics.median(abs(r["predicted_ratio"] / r["measured_ratio"] - 1) for r in milp)
+        lines.append(f"| {budget:g} | {m['method']} | {m['perplexity']:.2f} | {b['method']} | {b['perplexity']:.2f} | "
+                     f"{100 * (1 - m['perplexity'] / b['perplexity']):.1f}% | {100 * err:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

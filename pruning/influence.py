@@ -1,0 +1,85 @@
+"""How much each block or sublayer matters, measured on calibration tokens: ShortGPT's block
+influence (1 − cos of a block's input and output) and the loss a sublayer's removal costs.
+
+The removal loss puts a metric's unit scores in loss units (structured mode, `scale =
+"removal"`): within a sublayer the metric decides which heads or channels matter, and the
+sublayer's measured removal loss decides how much all of them together are worth against the
+units of other sublayers — which a sum of metric scores cannot say (Wanda's |W|·‖X‖ of an
+attention head and of an MLP channel are not in one unit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .interventions import applied
+from .removal import remove_sublayer
+
+
+@torch.no_grad()
+def block_influence(ctx) -> np.ndarray:
+    """BI per block, averaged over the calibration tokens (memoised per model)."""
+    if "block_influence" in ctx.memo:
+        return ctx.memo["block_influence"]
+    blocks = ctx.adapter.blocks
+    total = np.zeros(len(blocks))
+    count = 0
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(mod, args, kwargs, out, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            total[i] += float((1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).sum())
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        for window in ctx.calibration:
+            ctx.model(window[None].to(ctx.device), use_cache=False)
+            count += window.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    ctx.memo["block_influence"] = total / max(count, 1)
+    return ctx.memo["block_influence"]
+
+
+@torch.no_grad()
+def _loss(model, ids: torch.Tensor, stride: int = 4) -> float:
+    """Next-token loss at every `stride`-th position: the LM head (49k × 576 for smollm2) costs
+    more than the blocks on CPU, and a removal's effect shows at any position."""
+    pos = torch.arange(0, ids.shape[1] - 1, stride, device=ids.device)
+    logits = model(ids, use_cache=False, logits_to_keep=pos).logits
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, pos + 1].flatten()))
+
+
+@torch.no_grad()
+def removal_losses(ctx, windows: int = 4, tokens: int = 256) -> np.ndarray:
+    """(blocks, 2): the calibration loss's rise when each block's attention (0) or MLP (1) alone
+    is removed, on the first `windows` calibration windows cut to `tokens` (memoised per model)."""
+    if "removal_losses" in ctx.memo:
+        return ctx.memo["removal_losses"]
+    ids = ctx.calibration[:windows, :tokens].to(ctx.device)
+    base = _loss(ctx.model, ids)
+    out = np.zeros((len(ctx.structure.blocks), 2))
+    for block in ctx.structure.blocks:
+        for k, sublayer in enumerate(block.sublayers[:2]):
+            with applied() as edits:
+                remove_sublayer(edits, sublayer)
+                out[block.index, k] = _loss(ctx.model, ids) - base
+    ctx.log(f"removal losses of {out.size} sublayers measured on {ids.numel()} tokens")
+    ctx.memo["removal_losses"] = out
+    return out
+
+
+def scale_to_losses(imp: dict[str, np.ndarray], losses: np.ndarray) -> dict[str, np.ndarray]:
+    """Unit importances rescaled so each sublayer's units (clamped at 0) sum to its removal loss
+    (also clamped at 0: a sublayer whose removal helps is worth nothing)."""
+    out = {}
+    attn = np.clip(np.concatenate([imp["head"], imp["kv"]], 1), 0, None)
+    share = attn / np.where(attn.sum(1, keepdims=True) > 0, attn.sum(1, keepdims=True), 1)
+    scaled = share * np.clip(losses[:, :1], 0, None)
+    out["head"], out["kv"] = scaled[:, :imp["head"].shape[1]], scaled[:, imp["head"].shape[1]:]
+    mlp = np.clip(imp["channel"], 0, None)
+    out["channel"] = mlp / np.where(mlp.sum(1, keepdims=True) > 0, mlp.sum(1, keepdims=True), 1) \
+        * np.clip(losses[:, 1:], 0, None)
+    return out
