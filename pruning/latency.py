@@ -49,6 +49,7 @@ class LatencyTable:
     overhead: dict  # phase -> seconds
     dense: dict  # phase -> measured dense seconds (no hooks)
     machine: str = ""
+    seconds: float = 0.0  # what measuring it took
 
     def to_data(self) -> dict:
         return asdict(self)
@@ -226,7 +227,8 @@ def measure(model, adapter, width: int, batch: int = 1, seq_len: int = 256, repe
         mlp[phase] = [list(col) for col in zip(*[_pool(list(c), signatures) for c in zip(*mlp[phase])])]
         rest[phase] = _pool(rest[phase], signatures)
     dense = _dense_seconds(model, ids, repeats, decode_tokens)
-    return LatencyTable(a_opts, m_opts, width, batch, seq_len, attn, mlp, rest, overhead, dense, machine())
+    return LatencyTable(a_opts, m_opts, width, batch, seq_len, attn, mlp, rest, overhead, dense, machine(),
+                        time.perf_counter() - t0)
 
 
 def _dense_seconds(model, ids, repeats, decode_tokens) -> dict:
@@ -260,20 +262,33 @@ def cache_key(model, width: int, batch: int, seq_len: int) -> str:
     return sha256(text.encode())[:16]
 
 
+def cached(model, width: int, batch: int = 1, seq_len: int = 256, log=print, directory=None) -> LatencyTable | None:
+    """The cached table for this model shape on this machine, or None (a damaged one is set aside)."""
+    path = _path(model, width, batch, seq_len, directory)
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        body = json.dumps(doc["table"], sort_keys=True)
+        if doc.get("sha256") != sha256(body.encode()):
+            raise ValueError("checksum mismatch")
+        return LatencyTable.from_data(doc["table"])
+    except (ValueError, KeyError, TypeError) as e:
+        set_aside(path, f"latency table: {e}", log=log, then="measuring again")
+        return None
+
+
+def _path(model, width, batch, seq_len, directory):
+    return (directory or cache_dir("latency")) / f"{cache_key(model, width, batch, seq_len)}.json"
+
+
 def load_or_measure(model, adapter, width: int, batch: int = 1, seq_len: int = 256, log=print,
                     directory=None, repeats: int = 5) -> LatencyTable:
     """The cached table for this model shape on this machine, else measured and cached."""
-    directory = directory or cache_dir("latency")
-    path = directory / f"{cache_key(model, width, batch, seq_len)}.json"
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text())
-            body = json.dumps(doc["table"], sort_keys=True)
-            if doc.get("sha256") != sha256(body.encode()):
-                raise ValueError("checksum mismatch")
-            return LatencyTable.from_data(doc["table"])
-        except (ValueError, KeyError, TypeError) as e:
-            set_aside(path, f"latency table: {e}", log=log, then="measuring again")
+    table = cached(model, width, batch, seq_len, log, directory)
+    if table is not None:
+        return table
+    path = _path(model, width, batch, seq_len, directory)
     log(f"measuring the latency table on {machine()} (batch {batch}, {seq_len} tokens; cached in {path})")
     table = measure(model, adapter, width, batch, seq_len, repeats, log=log)
     body = json.dumps(table.to_data(), sort_keys=True)
