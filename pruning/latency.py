@@ -55,11 +55,23 @@ class LatencyTable:
         return asdict(self)
 
     def options(self, phase: str, attn_importance=None, mlp_importance=None) -> Options:
-        """The selection problem's options priced by this table (importance 0 where not given)."""
-        attn, mlp = np.asarray(self.attn[phase]), np.asarray(self.mlp[phase])
+        """The selection problem's options priced by this table (importance 0 where not given),
+        made monotone: no option costs more than one that keeps everything it keeps and more."""
+        attn, mlp = self.monotone_attention(phase), np.minimum.accumulate(np.asarray(self.mlp[phase])[:, ::-1], 1)[:, ::-1]
         return Options(np.zeros_like(attn) if attn_importance is None else attn_importance, attn,
                        np.zeros_like(mlp) if mlp_importance is None else mlp_importance, mlp,
                        np.asarray(self.rest[phase]), float(self.overhead[phase]))
+
+    def monotone_attention(self, phase: str) -> np.ndarray:
+        """A timing spike (anything else running for a moment) makes an option look dearer than a
+        larger one; each option costs at most the cheapest option that dominates it."""
+        raw = np.asarray(self.attn[phase])
+        out = raw.copy()
+        for i, (a, b) in enumerate(self.attn_options):
+            bigger = [j for j, (a2, b2) in enumerate(self.attn_options) if a2 >= a and b2 >= b and (a, b) != (0, 0)]
+            if bigger:
+                out[:, i] = raw[:, bigger].min(1)
+        return out
 
     def dense_latency(self, phase: str) -> float:
         """The unpruned model's latency as the table predicts it (the budget's reference)."""
@@ -184,6 +196,10 @@ def _probe(model, structure, blocks, ids, a_opt, m_opt, width, repeats, decode_t
     return out
 
 
+def _fastest(old: float, new: float) -> float:
+    return new if old == 0.0 else min(old, new)
+
+
 def _pool(values: list[float], signatures: list) -> list[float]:
     """The median over blocks of the same signature (same shapes and attention type)."""
     groups: dict = {}
@@ -205,21 +221,27 @@ def measure(model, adapter, width: int, batch: int = 1, seq_len: int = 256, repe
     n = len(structure.blocks)
     attn = {p: [[0.0] * len(a_opts) for _ in range(n)] for p in PHASES}
     mlp = {p: [[0.0] * len(m_opts) for _ in range(n)] for p in PHASES}
-    rest, overhead = {p: [] for p in PHASES}, {p: [] for p in PHASES}
+    rest, overhead = {p: [] for p in PHASES}, {p: 0.0 for p in PHASES}
     probes = max(len(a_opts), len(m_opts))
     t0 = time.perf_counter()
-    for k in range(probes):
-        ai, mi = k * len(a_opts) // probes, k * len(m_opts) // probes  # every option at least once
-        ai, mi = (len(a_opts) - 1 - ai), (len(m_opts) - 1 - mi)  # the full model first
+    _dense_seconds(model, ids, 2, decode_tokens)  # warm caches, allocator and clocks before any probe counts
+    # every option at least once, the full model first and again last: each option keeps its fastest
+    # time, so a probe slowed by anything else on the machine does not set the table
+    order = list(range(probes)) + [0]
+    for step, k in enumerate(order):
+        ai = len(a_opts) - 1 - k * len(a_opts) // probes
+        mi = len(m_opts) - 1 - k * len(m_opts) // probes
         got = _probe(model, structure, adapter.blocks, ids, a_opts[ai], m_opts[mi], width, repeats, decode_tokens)
         for phase, (times, total) in got.items():
             for b in range(n):
-                attn[phase][b][ai] = times[f"attn{b}"]
-                mlp[phase][b][mi] = times[f"mlp{b}"]
+                attn[phase][b][ai] = _fastest(attn[phase][b][ai], times[f"attn{b}"])
+                mlp[phase][b][mi] = _fastest(mlp[phase][b][mi], times[f"mlp{b}"])
             if k == 0:  # the dense model: the blocks' own cost and what lies outside the blocks
-                rest[phase] = [max(0.0, times[f"block{b}"] - times[f"attn{b}"] - times[f"mlp{b}"]) for b in range(n)]
-                overhead[phase] = max(0.0, total - sum(times[f"block{b}"] for b in range(n)))
-        log(f"latency probe {k + 1}/{probes}: attention {a_opts[ai]}, MLP {m_opts[mi]} x {width} channels "
+                here = [max(0.0, times[f"block{b}"] - times[f"attn{b}"] - times[f"mlp{b}"]) for b in range(n)]
+                rest[phase] = [_fastest(a, b) for a, b in zip(rest[phase] or here, here)]
+                outside = max(0.0, total - sum(times[f"block{b}"] for b in range(n)))
+                overhead[phase] = _fastest(overhead[phase] or outside, outside)
+        log(f"latency probe {step + 1}/{len(order)}: attention {a_opts[ai]}, MLP {m_opts[mi]} x {width} channels "
             f"({time.perf_counter() - t0:.0f}s)")
     signatures = [_signature(b) for b in structure.blocks]
     for phase in PHASES:

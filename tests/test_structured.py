@@ -233,3 +233,15 @@ def test_the_latency_table_is_measured_cached_and_a_damaged_cache_recomputed(tin
     again = load_or_measure(tiny_llama, adapter, 64, 1, 8, log=logs.append, directory=tmp_path, repeats=1)
     assert again.overhead["prefill"] != 99.0 and any("checksum mismatch" in m for m in logs)
     assert len(list(tmp_path.glob("*.corrupt-*"))) == 1
+
+
+def test_a_timing_spike_never_makes_a_smaller_option_dearer_than_a_larger(tiny_llama):
+    table = fake_table(tiny_llama, 32)
+    table.mlp["prefill"][0][2] = 9.0  # a moment of something else running
+    table.attn["prefill"][1][1] = 9.0  # (1 KV head, 1 query head) above (1, 2), (2, 1) and (2, 2)
+    opts = table.options("prefill")
+    assert np.all(np.diff(opts.mlp_latency, axis=1) >= 0)
+    assert opts.mlp_latency[0, 2] == table.mlp["prefill"][0][3]
+    cheapest_above = min(table.attn["prefill"][1][table.attn_options.index(o)] for o in ((1, 2), (2, 1), (2, 2)))
+    assert opts.attn_latency[1, 1] == cheapest_above
+    assert opts.attn_latency[1, 0] == table.attn["prefill"][1][0]  # the removed option keeps its own cost
