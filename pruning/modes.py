@@ -93,3 +93,12 @@ register(Mode(
     methods={"sparsegpt": Method("sparsegpt", stats_mode="sequential")},
     check=_unstructured.check_unstructured,
 ))
+
+from . import attention as _attention  # noqa: E402
+
+register(Mode(
+    "attention",
+    "q/k masks optimised by gradient descent to keep each head's attention probabilities (from a metric's masks); "
+    "v/o/MLP by the metric or dense",
+    _attention.AttentionTarget, _attention.apply_attention, check=_attention.check_attention,
+))
