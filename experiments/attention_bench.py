@@ -157,7 +157,7 @@ def write_report(ev, args, results: dict, command: str) -> str:
         f"Attention error per layer = sum over heads and windows of ||P - P_dense||_F^2 / ||P_dense||_F^2 on "
         f"{args.valid_windows} *valid* windows (never seen by the optimiser), each layer fed the dense model's "
         f"inputs. Test perplexity on {spec.protocol.eval_windows} test windows; dense {results['dense']:.3f}.", "",
-        "| q/k sparsity | masks | test ppl | median layer error | mean layer error | seconds | s/layer |",
+        "| q/k sparsity | masks | test ppl | median layer error | mean layer error | seconds (all) | optimiser s/layer |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in args.sparsities:
@@ -166,7 +166,7 @@ def write_report(ev, args, results: dict, command: str) -> str:
             if r:
                 lines.append(f"| {s:g} | {name} | {r['ppl']:.3f} | {statistics.median(r['errors']):.4g} | "
                              f"{statistics.fmean(r['errors']):.4g} | {r['seconds']:.0f} | "
-                             f"{r.get('per_layer', float('nan')):.1f} |")
+                             f"{_cell(r.get('per_layer'))} |")
     lines += ["", "Per-layer reduction of the valid attention error, optimised vs metric "
               "(1 - optimised / metric; target: >= 30%):", "",
               "| q/k sparsity | median reduction | min | max | layers >= 30% | ppl metric -> optimised |",
@@ -178,10 +178,24 @@ def write_report(ev, args, results: dict, command: str) -> str:
         lines.append(f"| {s:g} | {statistics.median(red):.1%} | {min(red):.1%} | {max(red):.1%} | "
                      f"{sum(r >= 0.3 for r in red)}/{len(red)} | {m['ppl']:.3f} -> {o['ppl']:.3f} |")
         per_layer_rows.append((s, m["errors"], o["errors"]))
+    verdicts = []
+    for s in args.sparsities:
+        m, o = results[(s, "metric")], results[(s, "optimised")]
+        worst = min(1 - b / a if a > 0 else 0.0 for a, b in zip(m["errors"], o["errors"]))
+        verdicts.append(f"at {s:g}: attention error >= 30% lower in every layer "
+                        f"{'met' if worst >= 0.3 else 'missed'} (worst layer {worst:.1%}); perplexity below the "
+                        f"metric's {'met' if o['ppl'] < m['ppl'] else 'missed'}"
+                        + (f", gap to SparseGPT's {o['ppl'] - results[(s, 'sparsegpt')]['ppl']:+.3f}"
+                           if (s, "sparsegpt") in results else ""))
+    lines += ["", "Targets — " + "; ".join(verdicts) + "."]
     lines += ["", "Per layer (valid error, metric / optimised):", ""]
     for s, me, oe in per_layer_rows:
         lines.append(f"- {s:g}: " + ", ".join(f"{i}: {a:.3g}/{b:.3g}" for i, (a, b) in enumerate(zip(me, oe))))
     return "\n".join(lines) + "\n"
+
+
+def _cell(seconds) -> str:
+    return "–" if seconds is None else f"{seconds:.1f}"
 
 
 def main(argv=None) -> None:
