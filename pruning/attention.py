@@ -50,7 +50,7 @@ class AttentionTarget:
     group: str = "row"  # comparison group of every mask: "row" (as Wanda) or "layer"
     objective: str = "frobenius"  # or "kl", "output" (pruning/attention_loss.py)
     others: str = "metric"  # v, o, MLP: metric masks at `sparsity`, or "dense"
-    steps: int = 200  # gradient steps per block (0: the metric's masks, the linear baseline)
+    steps: int = 100  # gradient steps per block (0: the metric's masks, the linear baseline)
     lr: float = 0.05  # Adam's step on the standardised scores
     soft: float = 0.5  # fraction of the steps with the sigmoid relaxation; the rest straight-through
     temperature: float = 0.5  # the relaxation's first temperature (it ends at TAU_END)
@@ -76,8 +76,9 @@ class AttentionTarget:
         return self.sparsity
 
     def describe(self) -> str:
+        tokens = f" x {self.tokens} tokens" if self.tokens else ""
         return (f"q/k {self.sparsity:g} per {self.group}, attention {self.objective} GD "
-                f"({self.steps} steps, {self.windows}x{self.tokens or 'all'} tokens); v/o/MLP {self.others}")
+                f"({self.steps} steps on {self.windows} windows{tokens}); v/o/MLP {self.others}")
 
 
 # ---------------------------------------------------------------- the optimiser
