@@ -155,8 +155,8 @@ def optimise_qk(objective: Objective, wq: torch.Tensor, wk: torch.Tensor, score_
             best, best_error, best_step = tuple(m.clone() for m in masks), loss, step
         opt.step()
         opt.zero_grad(set_to_none=True)
-    last = hard(zs)
-    last_error = error(last)
+    last = hard(zs) if target.steps else best  # no steps: exactly the metric's masks
+    last_error = error(last) if target.steps else best_error
     if last_error < best_error:
         best, best_error, best_step = last, last_error, target.steps
     if best_step >= 0:  # measured on one path, so the guarantee holds exactly: re-measure
