@@ -161,10 +161,8 @@ def leaderboard_cmd(
             targets = unstructured_targets([_number(s, "--sparsity") for s in _split_list(sparsity)],
                                            _split_list(pattern), group)
             targets = [t | _target_fields(mode, {}, set_) for t in targets]
-        elif latency is not None:
-            targets = [_target_fields(mode, {"latency": _number(x, "--latency")}, set_) for x in _split_list(latency)]
         else:
-            targets = [_target_fields(mode, {}, set_)]
+            targets = [_target_fields(mode, given, set_) for given in _mode_budgets(mode, sparsity, group, latency)]
         timing = SpeedProtocol(speed_batch, speed_seq_len) if speed else None
         leaderboard_rows(model, corpus, _split_list(metrics), protocol=protocol, split=split, device=device,
                          dtype=dtype, log=log, on_row=lambda row: leaderboard.append([row], csv), mode=mode,
@@ -174,6 +172,23 @@ def leaderboard_cmd(
     if plot:
         leaderboard.plot(df, plot)
         log(f"plot written to {plot}")
+
+
+def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None) -> list[dict]:
+    """One dict of budget fields per leaderboard target of a mode other than unstructured: the
+    options its target has (--sparsity and --group for the attention mode, --latency for the
+    structured mode), one target per comma-separated value."""
+    from dataclasses import fields
+
+    from prunerzero.pruning.modes import get_mode
+
+    names = {f.name for f in fields(get_mode(mode).target)}
+    base = {"group": group} if "group" in names else {}
+    if "sparsity" in names:
+        return [base | {"sparsity": _number(x, "--sparsity")} for x in _split_list(sparsity)]
+    if "latency" in names and latency is not None:
+        return [base | {"latency": _number(x, "--latency")} for x in _split_list(latency)]
+    return [base]
 
 
 def _number(text: str, option: str) -> float:

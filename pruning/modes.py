@@ -106,3 +106,12 @@ register(Mode(
     save=_structured.save_structured,
 ))
 RESHAPED[_structured.MARKER] = _structured.load_structured
+
+from . import attention as _attention  # noqa: E402
+
+register(Mode(
+    "attention",
+    "q/k masks optimised by gradient descent to keep each head's attention probabilities (from a metric's masks); "
+    "v/o/MLP by the metric or dense",
+    _attention.AttentionTarget, _attention.apply_attention, check=_attention.check_attention,
+))

@@ -15,7 +15,7 @@ def test_registry_names_modes_targets_and_methods():
     assert mode.target is PruneTarget and "sparsegpt" in mode.methods
     assert mode.make_target({"pattern": "2:4"}) == PruneTarget(0.5, "2:4", "row")
     assert mode.make_target({"pattern": "2:4"}).describe() == "2:4"
-    with pytest.raises(ModeError, match="unknown pruning mode 'nope'; modes: unstructured, structured"):
+    with pytest.raises(ModeError, match="unknown pruning mode 'nope'; modes: unstructured, structured, attention"):
         get_mode("nope")
     with pytest.raises(ModeError, match=r"target.keep: unknown key; known: allocation, group, pattern, sparsity, update \(mode 'unstructured'\)"):
         mode.make_target({"keep": 4})
@@ -71,3 +71,12 @@ def test_bad_mode_input_fails_before_any_work(args, needle):
     code, out = run(*args)
     assert code == 2, out
     assert needle in " ".join(out.split()) and "Traceback" not in out
+
+
+def test_leaderboard_budget_options_reach_the_modes_that_have_them():
+    from prunerzero.cli import _mode_budgets
+
+    assert _mode_budgets("attention", "0.5,0.7", "row", None) == [{"group": "row", "sparsity": 0.5},
+                                                                  {"group": "row", "sparsity": 0.7}]
+    assert _mode_budgets("structured", "0.5", "row", "0.8,0.6") == [{"latency": 0.8}, {"latency": 0.6}]
+    assert _mode_budgets("structured", "0.5", "row", None) == [{}]

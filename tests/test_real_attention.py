@@ -1,0 +1,29 @@
+"""The attention mode through the real evaluator on smollm2-135m (a few steps per block)."""
+
+import pytest
+import torch
+
+from prunerzero.core.protocol import Protocol
+from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+
+pytestmark = pytest.mark.real
+
+SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=4)  # the statistics of test_real_model: cached
+
+
+def test_attention_mode_on_smollm2_prunes_qk_exactly_and_lowers_the_attention_error():
+    target = {"sparsity": 0.5, "others": "dense", "steps": 6, "windows": 2, "tokens": 64}
+    ev = Evaluator(EvalSpec(model="smollm2-135m", split="valid", protocol=SMALL, mode="attention", target=target))
+    dense = ev.measure().perplexity
+    result = ev.evaluate(ev.candidate("wanda"))
+    assert result.status == "ok", result.reason
+    report = ev.prune(ev.candidate("wanda"))
+    try:
+        for unit in ev.units:
+            zeros = (unit.weight == 0).sum(dim=1)
+            expected = unit.shape[1] // 2 if unit.role in ("q", "k") else 0
+            assert torch.all(zeros == expected) or unit.role not in ("q", "k"), unit.name
+        assert report.extra["attention_error"] < report.extra["attention_error_init"]
+    finally:
+        ev.restore()
+    assert dense < result.value < 2 * dense and ev.measure().perplexity == dense
