@@ -192,7 +192,7 @@ def _discover_block(
             continue
         units += found
         taps.append(tap)
-    if not units:
+    if not units and any(True for _ in module.parameters()):  # a block without parameters: removed, passed through
         raise UnsupportedModelError(f"{model_cls}: decoder block {prefix} holds no nn.Linear or fused experts")
     return units, taps
 

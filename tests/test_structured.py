@@ -245,3 +245,12 @@ def test_a_timing_spike_never_makes_a_smaller_option_dearer_than_a_larger(tiny_l
     cheapest_above = min(table.attn["prefill"][1][table.attn_options.index(o)] for o in ((1, 2), (2, 1), (2, 2)))
     assert opts.attn_latency[1, 1] == cheapest_above
     assert opts.attn_latency[1, 0] == table.attn["prefill"][1][0]  # the removed option keeps its own cost
+
+
+def test_a_model_with_a_removed_block_is_still_a_model_prunerzero_can_evaluate_and_prune(tiny_llama):
+    dense_units = len(ModelAdapter(tiny_llama).prunable())
+    apply_plan(Edits(), ModelAdapter(tiny_llama), plan_removing(tiny_llama, blocks=(0,), attention_blocks=(1,)))
+    adapter = ModelAdapter(tiny_llama)  # the removed block has no parameters: passed through, not refused
+    assert len(adapter.prunable()) == dense_units - 7 - 4
+    blocks = adapter.structure.blocks
+    assert blocks[0].attention is None and blocks[0].mlp is None and blocks[1].attention is None
