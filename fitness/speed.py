@@ -7,10 +7,11 @@ moves all of them together; `ratio` takes the ratio per repeat, then the median.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
+
+from prunerzero.models.timing import decode_seconds, prefill_seconds
 
 
 @dataclass(frozen=True)
@@ -35,37 +36,6 @@ class Speed:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.batch / statistics.median(self.decode_s) if self.decode_s else float("nan")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    model(ids, use_cache=False)
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds per generated token after a prefill of `ids`, greedy, with the KV cache."""
-    device = next(model.parameters()).device
-    out = model(ids.to(device), use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(device)
-    return (time.perf_counter() - t0) / new_tokens
 
 
 def compare(models: dict, ids: torch.Tensor, repeats: int = 5, warmup: int = 1, decode_tokens: int = 16) -> dict:

@@ -13,6 +13,7 @@ a checksum: a damaged file is named, set aside and measured again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -24,6 +25,7 @@ import torch
 
 from prunerzero.core.integrity import set_aside, sha256
 from prunerzero.core.paths import atomic_write_text, cache_dir
+from prunerzero.models.timing import decode_seconds, prefill_seconds, sync
 
 from .interventions import applied
 from .removal import remove_sublayer
@@ -68,8 +70,8 @@ class LatencyTable:
         raw = np.asarray(self.attn[phase])
         out = raw.copy()
         for i, (a, b) in enumerate(self.attn_options):
-            bigger = [j for j, (a2, b2) in enumerate(self.attn_options) if a2 >= a and b2 >= b and (a, b) != (0, 0)]
-            if bigger:
+            if (a, b) != (0, 0):  # the removed option is priced by itself
+                bigger = [j for j, (a2, b2) in enumerate(self.attn_options) if a2 >= a and b2 >= b]
                 out[:, i] = raw[:, bigger].min(1)
         return out
 
@@ -113,7 +115,7 @@ def _uniform_plan(attn, opt: tuple[int, int]) -> list[list[int]] | None:
 
 
 class _Timer:
-    """Forward hooks that time modules (wall clock, synchronised on a GPU) while `on`."""
+    """Forward hooks that time modules (wall clock, synchronised on a GPU) while recording."""
 
     def __init__(self, device: torch.device) -> None:
         self.on, self.device, self.times, self._t0, self._handles = False, device, {}, {}, []
@@ -121,45 +123,34 @@ class _Timer:
     def watch(self, name: str, module: torch.nn.Module) -> None:
         def pre(mod, args, kwargs=None):
             if self.on:
-                self._sync()
+                sync(self.device)
                 self._t0[name] = time.perf_counter()
 
         def post(mod, args, out, kwargs=None):
             if self.on:
-                self._sync()
+                sync(self.device)
                 self.times.setdefault(name, []).append(time.perf_counter() - self._t0[name])
         self._handles += [module.register_forward_pre_hook(pre, with_kwargs=True),
                           module.register_forward_hook(post, with_kwargs=True)]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    @contextlib.contextmanager
+    def recording(self):
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
 
 
-@torch.no_grad()
 def _run(model, ids: torch.Tensor, phase: str, timer: _Timer, decode_tokens: int) -> float:
-    """One timed pass; returns the whole pass's seconds (per token for decode)."""
+    """One pass with the sublayers timed; the whole pass's seconds (per token for decode)."""
     if phase == "prefill":
-        timer.on = True
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        timer._sync()
-        timer.on = False
-        return time.perf_counter() - t0
-    out = model(ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    timer.on = True
-    t0 = time.perf_counter()
-    for _ in range(decode_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    timer._sync()
-    timer.on = False
-    return (time.perf_counter() - t0) / decode_tokens
+        return prefill_seconds(model, ids, timer.recording)
+    return decode_seconds(model, ids, decode_tokens, timer.recording)
 
 
 def _probe(model, structure, blocks, ids, a_opt, m_opt, width, repeats, decode_tokens):
