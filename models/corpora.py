@@ -141,20 +141,21 @@ def _read_local(path: Path) -> CorpusText:
     return CorpusText(name, text, str(path.resolve()))
 
 
-def _fetch_austen() -> str:
+def _from_deb(package: str, data: str, read: Callable[[Path], str]) -> str:
+    """The text of an R data set shipped in a Debian package: download, unpack, read."""
     with tempfile.TemporaryDirectory() as tmp:
-        deb = _apt_download(AUSTEN_PACKAGE, Path(tmp))
+        deb = _apt_download(package, Path(tmp))
         root = Path(tmp) / "root"
         _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
-        return austen_text_from_rdata(root / AUSTEN_DATA)
+        return read(root / data)
+
+
+def _fetch_austen() -> str:
+    return _from_deb(AUSTEN_PACKAGE, AUSTEN_DATA, austen_text_from_rdata)
 
 
 def _fetch_mobydick() -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = _apt_download(MOBYDICK_PACKAGE, Path(tmp))
-        root = Path(tmp) / "root"
-        _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
-        return mobydick_text_from_rdata(root / MOBYDICK_DATA)
+    return _from_deb(MOBYDICK_PACKAGE, MOBYDICK_DATA, mobydick_text_from_rdata)
 
 
 def _apt_download(package: str, dest: Path) -> Path:
@@ -210,11 +211,11 @@ def mobydick_text_from_rdata(data_dir: Path) -> str:
     """Moby Dick without Project Gutenberg's header and licence."""
     text = str(r_objects(data_dir, ["mobydick"])["mobydick"][0])
     start = text.find("*** START OF")
-    end = text.find("*** END OF")
     if start >= 0:
         text = text[text.index("\n", start) + 1:]
+    end = text.find("*** END OF")
     if end >= 0:
-        text = text[: text.find("*** END OF")]
+        text = text[:end]
     return text.strip() + "\n"
 
 
