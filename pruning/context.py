@@ -3,7 +3,7 @@
 Modes receive a `PruneContext` and nothing else, so they never know whether an evaluator in a
 search, a leaderboard run or `prunerzero prune` called them. Every change goes through
 `ctx.edits` (interventions.py) or into the prunable weights, which the caller's `DenseSnapshot`
-restores; `ctx.memo` keeps what a mode computes once per model (routing statistics, latency
+restores; `ctx.remember(key, compute)` keeps what a mode computes once per model (routing statistics, latency
 tables, dense references) across the candidates of a search.
 """
 
@@ -29,6 +29,13 @@ class PruneContext:
     tokenizer: object = None
     log: Callable[[str], None] = lambda msg: None
     memo: dict = field(default_factory=dict)
+
+    def remember(self, key, compute: Callable[[], object]):
+        """`compute()` once per model, then the same value for every later candidate: what a
+        mode derives from the dense model (gradients, removal losses, latency tables)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
     @property
     def units(self):

@@ -17,11 +17,13 @@ from .interventions import applied
 from .removal import remove_sublayer
 
 
-@torch.no_grad()
 def block_influence(ctx) -> np.ndarray:
-    """BI per block, averaged over the calibration tokens (memoised per model)."""
-    if "block_influence" in ctx.memo:
-        return ctx.memo["block_influence"]
+    """BI per block, averaged over the calibration tokens (once per model)."""
+    return ctx.remember("block_influence", lambda: _block_influence(ctx))
+
+
+@torch.no_grad()
+def _block_influence(ctx) -> np.ndarray:
     blocks = ctx.adapter.blocks
     total = np.zeros(len(blocks))
     count = 0
@@ -39,8 +41,7 @@ def block_influence(ctx) -> np.ndarray:
     finally:
         for h in handles:
             h.remove()
-    ctx.memo["block_influence"] = total / max(count, 1)
-    return ctx.memo["block_influence"]
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -52,12 +53,14 @@ def _loss(model, ids: torch.Tensor, stride: int = 4) -> float:
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, pos + 1].flatten()))
 
 
-@torch.no_grad()
 def removal_losses(ctx, windows: int = 4, tokens: int = 256) -> np.ndarray:
     """(blocks, 2): the calibration loss's rise when each block's attention (0) or MLP (1) alone
-    is removed, on the first `windows` calibration windows cut to `tokens` (memoised per model)."""
-    if "removal_losses" in ctx.memo:
-        return ctx.memo["removal_losses"]
+    is removed, on the first `windows` calibration windows cut to `tokens` (once per model)."""
+    return ctx.remember(("removal_losses", windows, tokens), lambda: _removal_losses(ctx, windows, tokens))
+
+
+@torch.no_grad()
+def _removal_losses(ctx, windows: int, tokens: int) -> np.ndarray:
     ids = ctx.calibration[:windows, :tokens].to(ctx.device)
     base = _loss(ctx.model, ids)
     out = np.zeros((len(ctx.structure.blocks), 2))
@@ -67,7 +70,6 @@ def removal_losses(ctx, windows: int = 4, tokens: int = 256) -> np.ndarray:
                 remove_sublayer(edits, sublayer)
                 out[block.index, k] = _loss(ctx.model, ids) - base
     ctx.log(f"removal losses of {out.size} sublayers measured on {ids.numel()} tokens")
-    ctx.memo["removal_losses"] = out
     return out
 
 

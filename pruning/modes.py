@@ -102,7 +102,7 @@ register(Mode(
     "heads, MLP channel groups, sublayers and blocks sliced out under a measured latency budget, chosen by a MILP (MDP)",
     _structured.StructuredTarget, _structured.apply_structured,
     methods=_structured.METHODS, writes_weights=False,
-    check=lambda ctx, target: _structured.check_structured(ctx, target),
+    check=_structured.check_structured,
     save=_structured.save_structured,
 ))
 RESHAPED[_structured.MARKER] = _structured.load_structured

@@ -104,9 +104,11 @@ def unit_importance(ctx, candidate, target: StructuredTarget) -> dict[str, np.nd
 
 def taylor_scores(ctx) -> dict[str, torch.Tensor]:
     """W · ∂L/∂W summed over the calibration windows (LLM-Pruner's first-order Taylor term),
-    per prunable unit; memoised per model."""
-    if "taylor" in ctx.memo:
-        return ctx.memo["taylor"]
+    per prunable unit; once per model."""
+    return ctx.remember("taylor", lambda: _taylor_scores(ctx))
+
+
+def _taylor_scores(ctx) -> dict[str, torch.Tensor]:
     units = ctx.units
     params = list({id(u.param): u.param for u in units}.values())
     for p in params:
@@ -121,7 +123,6 @@ def taylor_scores(ctx) -> dict[str, torch.Tensor]:
         for p in params:
             p.grad = None
             p.requires_grad_(False)
-    ctx.memo["taylor"] = scores
     return scores
 
 
@@ -163,7 +164,7 @@ def plan_of(selection: Selection, a_plans, m_plans, width: int) -> list[dict]:
     channels (None: MLP removed), whether the whole block is removed."""
     out = []
     for b, (a, m, gone) in enumerate(zip(selection.attn, selection.mlp, selection.removed)):
-        channels = None if m == 0 else [c * width + i for g in m_plans[b][m] for c in [g] for i in range(width)]
+        channels = None if m == 0 else [g * width + i for g in m_plans[b][m] for i in range(width)]
         out.append({"heads": a_plans[b][a], "channels": channels, "removed": bool(gone)})
     return out
 
@@ -197,11 +198,10 @@ def summary(plan: list[dict]) -> dict:
 
 
 def latency_table(ctx, target: StructuredTarget) -> LatencyTable:
-    key = ("latency", target.width, target.batch, target.seq_len)
-    if key not in ctx.memo:
-        ctx.memo[key] = load_or_measure(ctx.model, ctx.adapter, target.width, target.batch, target.seq_len,
-                                        log=ctx.log)
-    return ctx.memo[key]
+    """The table for the target's shape: from this machine's cache, or measured once."""
+    return ctx.remember(("latency", target.width, target.batch, target.seq_len),
+                        lambda: load_or_measure(ctx.model, ctx.adapter, target.width, target.batch,
+                                                target.seq_len, log=ctx.log))
 
 
 def check_structured(ctx, target: StructuredTarget) -> None:
@@ -217,31 +217,32 @@ def apply_structured(ctx, candidate, target: StructuredTarget) -> PruneReport:
     """Prune `ctx`'s model in place to the latency budget; the report's extra holds the plan's
     predicted latency, the solver's gap and time, and what was removed."""
     from .modes import unsupported
-    from .recovery import refit_following
+    from .recovery import collect_grams, refit_following
 
     t0 = time.perf_counter()
     check_structured(ctx, target)
     table = latency_table(ctx, target)
-    if isinstance(candidate, Method) and candidate.name == "shortgpt":
+    dense = table.dense_latency(target.phase)
+    method = candidate.name if isinstance(candidate, Method) else None
+    if method == "shortgpt":
         from .shortgpt import shortgpt_plan
         plan, sel = shortgpt_plan(ctx, table, target)
-    elif isinstance(candidate, Method) and candidate.name not in METHODS or not (
-            isinstance(candidate, Method) or hasattr(candidate, "needs")):
+    elif method not in (None, "taylor") or method is None and not hasattr(candidate, "needs"):
         raise unsupported("structured", candidate)
     else:
         imp = unit_importance(ctx, candidate, target)
         opts, a_plans, m_plans = build_options(imp, table, ctx.structure, target.phase)
-        sel = select(opts, target.latency * table.dense_latency(target.phase), target.solver)
+        sel = select(opts, target.latency * dense, target.solver)
         plan = plan_of(sel, a_plans, m_plans, target.width)
     if target.recovery == "lsq":
-        grams = ctx.memo.get("grams") or _grams(ctx)
+        grams = ctx.remember("grams", lambda: collect_grams(ctx))  # of the dense model: before any edit
     apply_plan(ctx.edits, ctx.adapter, plan)
     if target.recovery == "lsq":
         refit_following(ctx.edits, ctx.structure, plan, grams)
     report = PruneReport(target, getattr(candidate, "name", "metric"))
     _count_removed(ctx, report)
     report.add_plan("structured", plan)
-    report.extra.update(_extra(sel, table, target, plan))
+    report.extra.update(_extra(sel, dense, plan))
     report.extra["plan"] = plan
     report.seconds = time.perf_counter() - t0
     ctx.log(f"structured: predicted {report.extra['predicted_ratio']:.3f}x dense {target.phase} latency "
@@ -260,14 +261,7 @@ def _count_removed(ctx, report: PruneReport) -> None:
         report.add(unit, unit.weight.numel() - now)
 
 
-def _grams(ctx):
-    from .recovery import collect_grams
-    ctx.memo["grams"] = collect_grams(ctx)
-    return ctx.memo["grams"]
-
-
-def _extra(sel: Selection, table: LatencyTable, target: StructuredTarget, plan) -> dict:
-    dense = table.dense_latency(target.phase)
+def _extra(sel: Selection, dense: float, plan) -> dict:
     return {"solver": sel.solver, "solver_gap": sel.gap, "solver_seconds": sel.seconds, "importance": sel.importance,
             "predicted_ms": 1e3 * sel.latency, "predicted_dense_ms": 1e3 * dense,
             "predicted_ratio": sel.latency / dense, **summary(plan)}
