@@ -38,14 +38,16 @@ class Speed:
         return self.batch / statistics.median(self.decode_s) if self.decode_s else float("nan")
 
 
-def compare(models: dict, ids: torch.Tensor, repeats: int = 5, warmup: int = 1, decode_tokens: int = 16) -> dict:
-    """Speed of each named model on the same token ids (batch, seq_len), interleaved per repeat."""
+def compare(models: dict, ids: torch.Tensor, repeats: int = 5, warmup: int = 1, decode_tokens: int = 16,
+            logits_to_keep: int = 0) -> dict:
+    """Speed of each named model on the same token ids (batch, seq_len), interleaved per repeat;
+    `logits_to_keep=1`: prefill computes the last position's logits only (generation's prefill)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     out = {name: Speed(ids.shape[0], ids.shape[1]) for name in models}
     for rep in range(warmup + repeats):
         for name, model in models.items():
-            prefill = prefill_seconds(model, ids)
+            prefill = prefill_seconds(model, ids, logits_to_keep=logits_to_keep)
             decode = decode_seconds(model, ids, decode_tokens) if decode_tokens else None
             if rep >= warmup:
                 out[name].prefill_s.append(prefill)

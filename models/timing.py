@@ -20,14 +20,16 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def prefill_seconds(model, ids: torch.Tensor, timed=contextlib.nullcontext) -> float:
-    """Seconds of one forward of `ids` (batch, seq_len), no cache; `timed()` is entered around it."""
+def prefill_seconds(model, ids: torch.Tensor, timed=contextlib.nullcontext, logits_to_keep: int = 0) -> float:
+    """Seconds of one forward of `ids` (batch, seq_len), no cache; `timed()` is entered around it.
+    `logits_to_keep=1` computes the last position's logits only, as generation's prefill does
+    (0: every position's, as a perplexity pass does)."""
     device = _device(model)
     ids = ids.to(device)
     sync(device)
     with timed():
         t0 = time.perf_counter()
-        model(ids, use_cache=False)
+        model(ids, use_cache=False, logits_to_keep=logits_to_keep)
         sync(device)
         return time.perf_counter() - t0
 
