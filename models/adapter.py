@@ -163,6 +163,18 @@ def _expert_units(name: str, block: int, module: nn.Module) -> tuple[list[Prunab
     return units, InputTap(module, block, tuple(tap_names), _experts_tap(name))
 
 
+def _declared_role(parent: nn.Module | None, attr: str) -> str | None:
+    """What a wrapper says its Linear is: `prunerzero_role` (a mode's own layer, e.g. a skip
+    router), or the role of the attribute it stands in for (`prunerzero_wraps = (attr, name)`:
+    a wrapper at `q_proj` holding the Linear as `.linear`)."""
+    if parent is None:
+        return None
+    if getattr(parent, "prunerzero_role", None):
+        return parent.prunerzero_role
+    wraps = getattr(parent, "prunerzero_wraps", None)
+    return ROLE_BY_NAME.get(wraps[0]) if wraps and wraps[1] == attr else None
+
+
 def _reject_unknown_weights(model_cls: str, name: str, module: nn.Module) -> None:
     for param_name, param in module.named_parameters(recurse=False):
         if param.dim() >= 2:
@@ -185,7 +197,7 @@ def _discover_block(
             _check_experts(model_cls, name, child)
             found, tap = _expert_units(name, block, child)
         elif isinstance(child, nn.Linear) or router:
-            role = ROLE_BY_NAME.get(attr) or ("router" if router else "other")
+            role = _declared_role(parent, attr) or ROLE_BY_NAME.get(attr) or ("router" if router else "other")
             found, tap = _whole_weight(name, block, role, child)
         else:
             _reject_unknown_weights(model_cls, name, child)

@@ -14,10 +14,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "shared_gate", "other")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "shared_gate", "skip_router", "other")
 # Roles pruned by default: every linear inside decoder blocks except the MoE routing gates,
 # which are tiny and decide where every token goes.
-DEFAULT_PRUNED_ROLES = frozenset(ROLES) - {"router", "shared_gate"}
+DEFAULT_PRUNED_ROLES = frozenset(ROLES) - {"router", "shared_gate", "skip_router"}
 
 
 @dataclass(frozen=True, eq=False)
