@@ -61,7 +61,7 @@ class Evaluator:
         self.snapshot = DenseSnapshot(self.units)
         self._stats = None
         self.ctx = PruneContext(self.lm.model, self.adapter, self.calibration, self.stats, p.stats_mode,
-                                tokenizer=self.lm.tokenizer, log=self.log)
+                                tokenizer=self.lm.tokenizer, log=self.log, train_windows=self.train_windows)
         self.mode.check(self.ctx, self.target)  # a target that does not fit fails here, not per candidate
         self.fitness_measure = make_measure(spec.fitness)
         self.fitness_measure.prepare(self.model, self.windows)
@@ -71,6 +71,10 @@ class Evaluator:
     @property
     def model(self):
         return self.lm.model
+
+    def train_windows(self, n: int, seq_len: int, seed: int):
+        """Windows of the train split for a mode that trains (the skip mode's routers)."""
+        return self.corpus.calibration(n, seq_len, seed, self.bos)
 
     def stats(self, needs=frozenset({"X"})):
         """Dense-model statistics, computed once (with G only if some metric needs it) and cached

@@ -29,6 +29,8 @@ class PruneContext:
     tokenizer: object = None
     log: Callable[[str], None] = lambda msg: None
     memo: dict = field(default_factory=dict)
+    # (n, seq_len, seed) -> (n, seq_len) windows of the train split: for modes that train (routers)
+    train_windows: Callable[[int, int, int], torch.Tensor] | None = None
 
     def remember(self, key, compute: Callable[[], object]):
         """`compute()` once per model, then the same value for every later candidate: what a

@@ -1,5 +1,6 @@
 """How much each block or sublayer matters, measured on calibration tokens: ShortGPT's block
-influence (1 − cos of a block's input and output) and the loss a sublayer's removal costs.
+influence (1 − cos of a block's input and output), the same per sublayer, and the loss a
+sublayer's removal costs.
 
 The removal loss puts a metric's unit scores in loss units (structured mode, `scale =
 "removal"`): within a sublayer the metric decides which heads or channels matter, and the
@@ -34,6 +35,53 @@ def _block_influence(ctx) -> np.ndarray:
             y = out[0] if isinstance(out, tuple) else out
             total[i] += float((1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).sum())
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        for window in ctx.calibration:
+            ctx.model(window[None].to(ctx.device), use_cache=False)
+            count += window.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return total / max(count, 1)
+
+
+def sublayer_influence(ctx) -> np.ndarray:
+    """(blocks, 2): ShortGPT's influence of each block's attention (0) and MLP (1) — 1 − cos of
+    the residual stream before and after that sublayer's contribution (once per model)."""
+    return ctx.remember("sublayer_influence", lambda: _sublayer_influence(ctx))
+
+
+@torch.no_grad()
+def _sublayer_influence(ctx) -> np.ndarray:
+    """The stream between attention and MLP is not visible from outside a block in every family
+    (Gemma-3 normalises the MLP's input and output), so each block is run a second time on the same
+    inputs with its MLP removed: that output is the stream after attention alone."""
+    total = np.zeros((len(ctx.structure.blocks), 2))
+    inner = [False]
+    handles = []
+
+    def one_minus_cos(a, b):
+        return float((1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)).sum())
+
+    for block in ctx.structure.blocks:
+        mlp = next(s for s in block.sublayers if s.kind == "mlp")
+
+        def hook(mod, args, kwargs, out, i=block.index, mlp=mlp):
+            if inner[0]:
+                return
+            inner[0] = True
+            try:
+                with applied() as edits:
+                    remove_sublayer(edits, mlp)
+                    mid = mod(*args, **kwargs)
+            finally:
+                inner[0] = False
+            first = lambda y: y[0] if isinstance(y, tuple) else y  # noqa: E731
+            x = args[0] if args else kwargs["hidden_states"]
+            total[i, 0] += one_minus_cos(x, first(mid))
+            total[i, 1] += one_minus_cos(first(mid), first(out))
+        handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
+    count = 0
     try:
         for window in ctx.calibration:
             ctx.model(window[None].to(ctx.device), use_cache=False)
