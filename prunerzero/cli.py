@@ -105,12 +105,13 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
 @friendly_errors
 def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the pruned model in.")],
               model: Model = "smollm2-135m",
-              metric: Annotated[str, typer.Option(help="Built-in name, expression, file.py[:fn], or a method of the mode (e.g. sparsegpt).")] = "wanda",
+              metric: Annotated[Optional[str], typer.Option(help="Built-in name, expression, file.py[:fn], or a method of the mode (e.g. sparsegpt, router); default: the mode's (wanda; router for skip).")] = None,
               mode: ModeOpt = "unstructured",
               sparsity: Annotated[Optional[float], typer.Option(help="Fraction pruned (unstructured; default 0.5).")] = None,
               pattern: Annotated[Optional[str], typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = None,
               group: Annotated[Optional[str], typer.Option(help="Comparison group: row or layer.")] = None,
               latency: Annotated[Optional[float], typer.Option(help="Latency budget as a fraction of the dense model's, measured on this machine (structured mode; default 0.7).")] = None,
+              ratio: Annotated[Optional[float], typer.Option(help="Fraction of modules skipped (skip mode; default 0.25).")] = None,
               set_: SetOpt = None,
               corpus: Corpus = "austen", seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128,
               eval_windows: EvalWindows = 128, seed: Seed = 0, stats_mode: StatsMode = "one-shot",
@@ -121,9 +122,10 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
     from prunerzero.jobs import prune_and_save
     from prunerzero.pruning.modes import get_mode
 
-    fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group, "latency": latency},
-                            set_)
+    fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group, "latency": latency,
+                                   "ratio": ratio}, set_)
     target = get_mode(mode).make_target(fields, "target")
+    metric = metric or get_mode(mode).default
     get_mode(mode).candidate(metric)  # a bad metric fails before the model loads
     prune_and_save(model, metric, target, out, corpus,
                    _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos),
@@ -140,6 +142,7 @@ def leaderboard_cmd(
         pattern: Annotated[str, typer.Option(help="Comma-separated patterns (unstructured mode).")] = "unstructured,2:4",
         group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
         latency: Annotated[Optional[str], typer.Option(help="Comma-separated latency budgets, fractions of the dense model's (structured mode).")] = None,
+        ratio: Annotated[Optional[str], typer.Option(help="Comma-separated fractions of modules skipped (skip mode).")] = None,
         set_: SetOpt = None,
         split: Annotated[str, typer.Option(help="Split the rows are measured on.")] = "test",
         seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128, eval_windows: EvalWindows = 128,
@@ -162,7 +165,7 @@ def leaderboard_cmd(
                                            _split_list(pattern), group)
             targets = [t | _target_fields(mode, {}, set_) for t in targets]
         else:
-            targets = [_target_fields(mode, given, set_) for given in _mode_budgets(mode, sparsity, group, latency)]
+            targets = [_target_fields(mode, given, set_) for given in _mode_budgets(mode, sparsity, group, latency, ratio)]
         timing = SpeedProtocol(speed_batch, speed_seq_len) if speed else None
         leaderboard_rows(model, corpus, _split_list(metrics), protocol=protocol, split=split, device=device,
                          dtype=dtype, log=log, on_row=lambda row: leaderboard.append([row], csv), mode=mode,
@@ -174,10 +177,10 @@ def leaderboard_cmd(
         log(f"plot written to {plot}")
 
 
-def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None) -> list[dict]:
+def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None, ratio: str | None = None) -> list[dict]:
     """One dict of budget fields per leaderboard target of a mode other than unstructured: the
     options its target has (--sparsity and --group for the attention mode, --latency for the
-    structured mode), one target per comma-separated value."""
+    structured mode, --ratio for the skip mode), one target per comma-separated value."""
     from dataclasses import fields
 
     from prunerzero.pruning.modes import get_mode
@@ -188,6 +191,8 @@ def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None) -> 
         return [base | {"sparsity": _number(x, "--sparsity")} for x in _split_list(sparsity)]
     if "latency" in names and latency is not None:
         return [base | {"latency": _number(x, "--latency")} for x in _split_list(latency)]
+    if "ratio" in names and ratio is not None:
+        return [base | {"ratio": _number(x, "--ratio")} for x in _split_list(ratio)]
     return [base]
 
 

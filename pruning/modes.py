@@ -11,7 +11,8 @@ each is registered once with:
 - `methods`: name → candidate for what is not a metric (SparseGPT, …);
 - `writes_weights`: whether apply writes into the prunable weights (restored from the dense
   snapshot) or changes only parameters, modules and attributes through `ctx.edits`;
-- `check(ctx, target)`: fail before any work when the model cannot take this target.
+- `check(ctx, target)`: fail before any work when the model cannot take this target;
+- `default`: the candidate `prunerzero prune` uses when none is given.
 
 To add a mode: a module in pruning/ with its target and apply, and one `register(Mode(...))`
 call at the end of this file (imported here so the registry is always complete).
@@ -44,6 +45,7 @@ class Mode:
     writes_weights: bool = True
     check: Callable = lambda ctx, target: None
     save: Callable | None = None  # (ctx, report, out_dir) -> None; default: save_pretrained
+    default: str = "wanda"
 
     def make_target(self, fields: Mapping | None = None, where: str = "target"):
         """The mode's target from a mapping of its fields, keys and types checked; errors name
@@ -115,3 +117,14 @@ register(Mode(
     "v/o/MLP by the metric or dense",
     _attention.AttentionTarget, _attention.apply_attention, check=_attention.check_attention,
 ))
+
+from . import skip as _skip  # noqa: E402
+
+register(Mode(
+    "skip",
+    "attention and MLP sublayers skipped per token by trained routers, compute really skipped (SkipGPT); "
+    "static sublayer removal by ShortGPT influence, removal loss or a metric",
+    _skip.SkipTarget, _skip.apply_skip, methods=_skip.METHODS, writes_weights=True,
+    check=_skip.check_skip, save=_skip.save_skip, default="router",
+))
+RESHAPED[_skip.MARKER] = _skip.load_skip

@@ -1,0 +1,263 @@
+"""The skip mode on tiny random-init models: real skipping (gather/scatter) gives what SkipGPT's
+multiply-by-zero gives, kept tokens only reach the skipped modules, generation with a KV cache
+matches recomputation, router training resumes exactly, caches and saved routers are checked,
+static baselines remove the budget, and bad input is named."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Qwen2MoeConfig, Qwen2MoeForCausalLM,
+)
+
+from prunerzero.models.adapter import ModelAdapter
+from prunerzero.primitives.stats import collect_stats
+from prunerzero.pruning.context import PruneContext
+from prunerzero.pruning.modes import ModeError, get_mode
+from prunerzero.pruning.routers import DATA, META, RouterError, TrainConfig, load_or_train
+from prunerzero.pruning.skipping import skip_counts
+
+COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES = {  # RoPE + GQA; post-norms, q/k norms and a sliding window; q/k/v biases
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
+}
+DATA_IDS = torch.randint(3, 64, (400, 16), generator=torch.Generator().manual_seed(1))
+QUICK = {"ratio": 0.3, "steps": 12, "batch": 2, "seq_len": 16}
+MODE = get_mode("skip")
+
+
+def train_windows(n, seq_len, seed):
+    return torch.randint(3, 64, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def context(family="llama", impl="sdpa", seed=0, log=lambda msg: None):
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval().requires_grad_(False)
+    model.set_attn_implementation(impl)
+    adapter = ModelAdapter(model)
+    stats = collect_stats(model, adapter, DATA_IDS[:8], need_g=False)
+    return PruneContext(model, adapter, DATA_IDS[:8], lambda needs: stats, log=log, train_windows=train_windows)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNERZERO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gather_gives_what_multiplying_by_zero_gives_and_restores(family, impl):
+    ctx = context(family, impl)
+    test = DATA_IDS[100:104]
+    dense = ctx.model(test).logits
+    logits, counts = {}, {}
+    for execution in ("multiply", "gather"):
+        report = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK | {"execution": execution}))
+        assert report.extra["skip_ratio"] == pytest.approx(0.3, abs=0.02)  # the calibration tokens
+        skip_counts(ctx.model, reset=True)
+        logits[execution] = ctx.model(test).logits
+        counts[execution] = skip_counts(ctx.model)
+        ctx.edits.restore()
+    assert counts["gather"] == counts["multiply"] and 0.1 < counts["gather"]["skip_ratio"] < 0.5
+    torch.testing.assert_close(logits["gather"], logits["multiply"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits["gather"], dense)
+    assert torch.equal(ctx.model(test).logits, dense)  # restored bit for bit
+
+
+def test_skipped_tokens_never_reach_the_module():
+    ctx = context()
+    MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
+    rows = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: rows.setdefault(name, []).append(
+        args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        for name, m in ctx.model.named_modules() if name.endswith(("mlp.inner.down_proj", "self_attn.inner.o_proj.linear",
+                                                                    "self_attn.inner.q_proj.linear"))]
+    skip_counts(ctx.model, reset=True)
+    ctx.model(DATA_IDS[100:104])
+    for h in hooks:
+        h.remove()
+    seen = 4 * 16 * 4  # tokens x blocks per module kind
+    mlp = sum(n for k, v in rows.items() if "mlp" in k for n in v)
+    attention = sum(n for k, v in rows.items() if "o_proj" in k for n in v)
+    counts = skip_counts(ctx.model)
+    assert mlp == round(seen * (1 - counts["mlp_skip_ratio"])) and mlp < seen
+    assert attention == round(seen * (1 - counts["attention_skip_ratio"])) and attention < seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_generation_with_the_kv_cache_matches_recomputation(family):
+    ctx = context(family)
+    MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
+    prompt = DATA_IDS[200:202, :6]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = ctx.model.generate(prompt, use_cache=True, **kw)
+    recomputed = ctx.model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+    ctx.edits.restore()
+    MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK | {"execution": "multiply"}))
+    assert torch.equal(ctx.model.generate(prompt, use_cache=True, **kw), cached)
+
+
+def test_router_training_resumes_to_the_same_routers(cache):
+    cfg = TrainConfig(0.3, steps=20, batch=2, seq_len=16, checkpoint_every=5)
+    whole = load_or_train(context(), cfg, "model-a", log=lambda m: None)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_10(msg):
+        if "step 10/" in msg:
+            raise Killed
+
+    with pytest.raises(Killed):
+        load_or_train(context(), cfg, "model-b", log=die_at_step_10)
+    messages = []
+    resumed = load_or_train(context(), cfg, "model-b", log=messages.append)
+    assert any("resuming from step 5" in m for m in messages)
+    assert resumed.meta["resumed_at"] == 5 and resumed.meta["history"] == whole.meta["history"]
+    for a, b in zip(whole.routers, resumed.routers):
+        assert torch.equal(a.proj.weight, b.proj.weight) and torch.equal(a.proj.bias, b.proj.bias)
+    assert any(a.proj.weight.abs().sum() > 0 for a in whole.routers)  # it learned
+
+
+def test_a_corrupt_router_cache_is_named_set_aside_and_retrained(cache):
+    cfg = TrainConfig(0.3, steps=4, batch=2, seq_len=16)
+    first = load_or_train(context(), cfg, "model-a", log=lambda m: None)
+    folder = next(cache.rglob(META)).parent
+    data = bytearray((folder / DATA).read_bytes())
+    data[-3] ^= 0xFF
+    (folder / DATA).write_bytes(bytes(data))
+    messages = []
+    again = load_or_train(context(), cfg, "model-a", log=messages.append)
+    assert any("checksum mismatch" in m and "retraining" in m for m in messages)
+    assert torch.equal(again.routers[0].proj.weight, first.routers[0].proj.weight)
+    assert list(folder.glob("*.corrupt*")) or list(folder.parent.glob("*corrupt*"))
+
+
+def test_routers_for_another_model_are_refused(tmp_path):
+    ctx = context()
+    report = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
+    MODE.save(ctx, report, tmp_path / "saved")
+    ctx.edits.restore()
+    trained = next((tmp_path / "cache").rglob(META)).parent
+    ok = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK | {"routers": str(trained)}))
+    assert ok.extra["router_key"] == report.extra["router_key"]
+    ctx.edits.restore()
+    other = context(seed=1)
+    with pytest.raises(RouterError, match="routers trained for model"):
+        MODE.check(other, MODE.make_target(QUICK | {"routers": str(trained)}))
+    with pytest.raises(RouterError, match="routes 8 sublayers"):
+        MODE.check(ctx, MODE.make_target(QUICK | {"routers": str(trained), "modules": "mlp"}))
+    with pytest.raises(RouterError, match="no usable routers"):
+        MODE.check(ctx, MODE.make_target(QUICK | {"routers": str(tmp_path)}))
+
+
+def test_a_saved_skipping_model_reloads_and_skips_the_same(tmp_path):
+    from prunerzero.models.loading import RESHAPED
+    from prunerzero.pruning.skip import MARKER
+
+    ctx = context("qwen2")
+    report = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
+    test = DATA_IDS[100:104]
+    skip_counts(ctx.model, reset=True)
+    pruned = ctx.model(test).logits
+    counts = skip_counts(ctx.model)
+    MODE.save(ctx, report, tmp_path)
+    back = RESHAPED[MARKER](tmp_path, torch.float32)  # what every prunerzero command loads it with
+    back.set_attn_implementation("sdpa")
+    skip_counts(back, reset=True)
+    torch.testing.assert_close(back(test).logits, pruned, rtol=1e-5, atol=1e-5)
+    assert skip_counts(back) == counts
+    plan = json.loads((tmp_path / "prunerzero_skip.json").read_text())
+    assert plan["plan"]["threshold"] == report.extra["threshold"]
+    units = ModelAdapter(back).prunable()  # routers are not weights to prune; q/o keep their roles
+    assert [u.role for u in units] == [u.role for u in ctx.units]
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "removal", "wanda"])
+def test_static_baselines_remove_the_budget_of_least_important_sublayers(method):
+    from prunerzero.pruning.skip import importance
+
+    ctx = context()
+    test = DATA_IDS[100:104]
+    dense = ctx.model(test).logits
+    target = MODE.make_target({"ratio": 0.25})
+    report = MODE.apply(ctx, MODE.candidate(method), target)
+    assert len(report.extra["removed"]) == 2 and report.extra["skip_ratio"] == 0.25
+    imp = importance(ctx, MODE.candidate(method), target)
+    flat = sorted(imp.flatten())
+    removed = [imp[b, 0 if k == "attention" else 1] for b, k in report.extra["removed"]]
+    assert sorted(removed) == flat[:2]
+    assert not torch.allclose(ctx.model(test).logits, dense)
+    ctx.edits.restore()
+    only_mlp = MODE.apply(ctx, MODE.candidate(method), MODE.make_target({"ratio": 0.5, "modules": "mlp"}))
+    assert [k for _, k in only_mlp.extra["removed"]] == ["mlp", "mlp"]
+    ctx.edits.restore()
+    assert torch.equal(ctx.model(test).logits, dense)
+
+
+def test_routers_start_from_a_static_ranking():
+    ctx = context()
+    report = MODE.apply(ctx, MODE.candidate("router"),
+                        MODE.make_target(QUICK | {"router_init": "shortgpt", "steps": 1}))
+    shortgpt = MODE.apply(PruneContext(ctx.model, ctx.adapter, ctx.calibration, ctx.stats),
+                          MODE.candidate("shortgpt"), MODE.make_target({"ratio": 0.25}))
+    assert report.extra["skip_ratio"] == pytest.approx(0.3, abs=0.02)
+    assert shortgpt.extra["removed"]
+
+
+def test_lora_after_the_routers_changes_the_weights_and_restores():
+    ctx = context()
+    test = DATA_IDS[100:104]
+    dense = ctx.model(test).logits
+    weights = {u.name: u.weight.clone() for u in ctx.units}
+    plain = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
+    without = ctx.model(test).logits
+    ctx.edits.restore()
+    report = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK | {"lora_steps": 3, "lora_lr": 1e-2}))
+    changed = [u.name for u in ctx.units if not torch.equal(u.weight, weights[u.name])]
+    assert changed and report.extra["router_key"] != plain.extra["router_key"]
+    assert not torch.allclose(ctx.model(test).logits, without)
+    assert not any(type(m).__name__.startswith("Lora") for m in ctx.model.modules())  # peft taken out
+    ctx.edits.restore()
+    assert all(torch.equal(u.weight, weights[u.name]) for u in ctx.units)
+    assert torch.equal(ctx.model(test).logits, dense)
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_a_skip_ratio_outside_zero_one_is_named(ratio):
+    with pytest.raises(ModeError, match=f"skip ratio {ratio} must be in \\[0, 1\\)"):
+        MODE.make_target({"ratio": ratio})
+
+
+def test_bad_target_fields_are_named():
+    with pytest.raises(ModeError, match="unknown modules 'heads'"):
+        MODE.make_target({"modules": "heads"})
+    with pytest.raises(ModeError, match="use gather or multiply"):
+        MODE.make_target({"execution": "train"})
+    with pytest.raises(ModeError, match="cannot apply a Method"):
+        MODE.apply(context(), get_mode("unstructured").methods["sparsegpt"], MODE.make_target({}))
+
+
+def test_an_moe_model_is_refused():
+    cfg = Qwen2MoeConfig(**COMMON | {"num_hidden_layers": 2}, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    model = Qwen2MoeForCausalLM(cfg).eval()
+    ctx = PruneContext(model, ModelAdapter(model), DATA_IDS[:2], lambda needs: None)
+    with pytest.raises(ValueError, match="takes dense models; this one has experts"):
+        MODE.check(ctx, MODE.make_target({}))
+
+
+def test_the_cli_names_a_bad_ratio(tmp_path):
+    from typer.testing import CliRunner
+
+    from prunerzero.cli import app
+
+    result = CliRunner().invoke(app, ["prune", "--mode", "skip", "--ratio", "1.2", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "skip ratio 1.2 must be in [0, 1)" in result.output
