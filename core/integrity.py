@@ -6,6 +6,7 @@ silently used, never left to fail again on the next run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -29,3 +30,25 @@ def set_aside(path: Path, why: str, log=print, then: str = "recomputing") -> Pat
     path.rename(target)
     log(f"warning: {path} is corrupt ({why}); moved to {target.name} and {then}")
     return target
+
+
+def write_checked_json(path: Path, body, **extra) -> None:
+    """`body` as JSON beside the checksum of its canonical text (and `extra` fields, unchecked)."""
+    from .paths import atomic_write_text
+
+    text = json.dumps(body, sort_keys=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps({**extra, "sha256": sha256(text.encode()), "body": body}, indent=1))
+
+
+def read_checked_json(path: Path):
+    """The body `write_checked_json` wrote, or CorruptCache saying why it cannot be trusted."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        body = doc["body"]
+        ok = doc.get("sha256") == sha256(json.dumps(body, sort_keys=True).encode())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCache(f"unreadable: {type(e).__name__}: {e}") from None
+    if not ok:
+        raise CorruptCache("checksum mismatch")
+    return body

@@ -39,6 +39,15 @@ class PruneContext:
             self.memo[key] = compute()
         return self.memo[key]
 
+    def identity(self) -> str:
+        """The model's class, shape and a digest of its prunable weights: what caches of values
+        derived from the dense model (routers, removal losses) are keyed by. Computed once."""
+        def compute():
+            digest = sum(float(u.weight.double().abs().sum()) for u in self.units)
+            hidden = self.model.get_input_embeddings().weight.shape[1]
+            return f"{type(self.model).__name__}|{hidden}|{len(self.structure.blocks)}|{digest:.9e}"
+        return self.remember("identity", compute)
+
     @property
     def units(self):
         return self.adapter.prunable()

@@ -14,8 +14,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from prunerzero.core.integrity import CorruptCache, read_checked_json, set_aside, sha256, write_checked_json
+from prunerzero.core.paths import cache_dir
+
 from .interventions import applied
 from .removal import remove_sublayer
+
+STRIDE = 4  # the removal loss reads every 4th position (see _loss)
 
 
 def block_influence(ctx) -> np.ndarray:
@@ -93,7 +98,7 @@ def _sublayer_influence(ctx) -> np.ndarray:
 
 
 @torch.no_grad()
-def _loss(model, ids: torch.Tensor, stride: int = 4) -> float:
+def _loss(model, ids: torch.Tensor, stride: int = STRIDE) -> float:
     """Next-token loss at every `stride`-th position: the LM head (49k × 576 for smollm2) costs
     more than the blocks on CPU, and a removal's effect shows at any position."""
     pos = torch.arange(0, ids.shape[1] - 1, stride, device=ids.device)
@@ -103,8 +108,27 @@ def _loss(model, ids: torch.Tensor, stride: int = 4) -> float:
 
 def removal_losses(ctx, windows: int = 4, tokens: int = 256) -> np.ndarray:
     """(blocks, 2): the calibration loss's rise when each block's attention (0) or MLP (1) alone
-    is removed, on the first `windows` calibration windows cut to `tokens` (once per model)."""
-    return ctx.remember(("removal_losses", windows, tokens), lambda: _removal_losses(ctx, windows, tokens))
+    is removed, on the first `windows` calibration windows cut to `tokens` — once per model and
+    tokens, kept in the prunerzero cache (2 forwards per block: minutes on a CPU)."""
+    return ctx.remember(("removal_losses", windows, tokens), lambda: _cached_removal_losses(ctx, windows, tokens))
+
+
+def _cached_removal_losses(ctx, windows: int, tokens: int) -> np.ndarray:
+    ids = ctx.calibration[:windows, :tokens]
+    key = sha256(f"{ctx.identity()}|{sha256(ids.numpy().tobytes())}|{ids.shape}|{STRIDE}".encode())[:16]
+    path = cache_dir("influence") / f"removal-{key}.json"
+    shape = (len(ctx.structure.blocks), 2)
+    if path.exists():
+        try:
+            out = np.asarray(read_checked_json(path), dtype=float)
+            if out.shape != shape or not np.isfinite(out).all():
+                raise CorruptCache(f"{out.shape} values, not the model's finite {shape}")
+            return out
+        except CorruptCache as e:
+            set_aside(path, f"removal losses: {e}", ctx.log)
+    out = _removal_losses(ctx, windows, tokens)
+    write_checked_json(path, out.tolist(), model=ctx.identity(), tokens=list(ids.shape))
+    return out
 
 
 @torch.no_grad()

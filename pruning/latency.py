@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from prunerzero.core.integrity import set_aside, sha256
-from prunerzero.core.paths import atomic_write_text, cache_dir
+from prunerzero.core.integrity import CorruptCache, read_checked_json, set_aside, sha256, write_checked_json
+from prunerzero.core.paths import cache_dir
 from prunerzero.models.timing import decode_seconds, prefill_seconds, sync
 
 from .interventions import applied
@@ -281,12 +281,8 @@ def cached(model, width: int, batch: int = 1, seq_len: int = 256, log=print, dir
     if not path.exists():
         return None
     try:
-        doc = json.loads(path.read_text())
-        body = json.dumps(doc["table"], sort_keys=True)
-        if doc.get("sha256") != sha256(body.encode()):
-            raise ValueError("checksum mismatch")
-        return LatencyTable.from_data(doc["table"])
-    except (ValueError, KeyError, TypeError) as e:
+        return LatencyTable.from_data(read_checked_json(path))
+    except (CorruptCache, ValueError, KeyError, TypeError) as e:
         set_aside(path, f"latency table: {e}", log=log, then="measuring again")
         return None
 
@@ -304,7 +300,5 @@ def load_or_measure(model, adapter, width: int, batch: int = 1, seq_len: int = 2
     path = _path(model, width, batch, seq_len, directory)
     log(f"measuring the latency table on {machine()} (batch {batch}, {seq_len} tokens; cached in {path})")
     table = measure(model, adapter, width, batch, seq_len, repeats, log=log)
-    body = json.dumps(table.to_data(), sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"sha256": sha256(body.encode()), "table": table.to_data()}, indent=1))
+    write_checked_json(path, table.to_data())
     return table

@@ -228,7 +228,7 @@ def test_the_latency_table_is_measured_cached_and_a_damaged_cache_recomputed(tin
     (path,) = tmp_path.glob("*.json")
     assert load_or_measure(tiny_llama, adapter, 64, 1, 8, directory=tmp_path).to_data() == table.to_data()
     doc = json.loads(path.read_text())
-    doc["table"]["overhead"]["prefill"] = 99.0
+    doc["body"]["overhead"]["prefill"] = 99.0
     path.write_text(json.dumps(doc))
     again = load_or_measure(tiny_llama, adapter, 64, 1, 8, log=logs.append, directory=tmp_path, repeats=1)
     assert again.overhead["prefill"] != 99.0 and any("checksum mismatch" in m for m in logs)
