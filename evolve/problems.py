@@ -4,6 +4,8 @@
   evolves the metric that mode applies (`[eval] mode`).
 - `allocation`: GA over per-block sparsity levels for a fixed metric at a fixed total
   (EvoPress-style; evolve/genome.py).
+- `experts`: GA over each MoE layer's kept experts, then merge coefficients (EEP; mode
+  "experts"; evolve/experts_problem.py).
 
 To add a problem: a class with the engine's interface (`toolbox`, `seeds`, `prepare`,
 `candidate`, `describe`, `size`, `fields`, `encode`, `decode`, `name`, `columns`; see
@@ -31,6 +33,42 @@ def _allocation(config):
     return AllocationProblem(config.search, config.problem, target.sparsity, block_count(spec.model))
 
 
+def _experts(config):
+    from .experts_problem import ExpertsProblem
+
+    spec = config.eval_spec()
+    if spec.mode != "experts":
+        raise ValueError("search.problem: 'experts' evolves expert plans: it needs mode 'experts'")
+    target = spec.prune_target()
+    if target.allocation != "uniform":
+        raise ValueError("search.problem: 'experts' keeps each layer's count; give target.experts or "
+                         "target.per_layer, not allocation 'global'")
+    opts = config.problem
+    layers, experts = moe_shape(spec.model) if not (opts.get("layers") and opts.get("experts")) else (0, 0)
+    layers, experts = opts.get("layers") or layers, opts.get("experts") or experts
+    counts = target.counts or [target.experts] * layers
+    if len(counts) != layers:
+        raise ValueError(f"target.per_layer gives {len(counts)} counts; the model has {layers} MoE layers")
+    return ExpertsProblem(config.search, opts, counts, experts)
+
+
+def moe_shape(model: str) -> tuple[int, int]:
+    """(MoE layers, routed experts per layer) from a model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from prunerzero.models.loading import model_source
+
+    config = AutoConfig.from_pretrained(model_source(model))
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if not experts:
+        raise ValueError(f"search.problem 'experts': {model} has no routed experts in its config")
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise ValueError(f"{model} mixes dense and MoE layers: give problem.layers and problem.experts")
+    return int(config.num_hidden_layers), int(experts)
+
+
 def block_count(model: str) -> int:
     if model == "toy":
         return TOY_BLOCKS
@@ -39,7 +77,7 @@ def block_count(model: str) -> int:
     return count_blocks(model)
 
 
-PROBLEMS = {"metric": _metric, "allocation": _allocation}
+PROBLEMS = {"metric": _metric, "allocation": _allocation, "experts": _experts}
 
 
 def make_problem(config):
