@@ -1,10 +1,15 @@
 """Training SkipGPT's routers with the base model frozen, and keeping them.
 
-Stage 1 (routers): every routed sublayer runs behind a hard Gumbel-sigmoid gate (straight-through
-gradients, temperature annealed geometrically from `t_start` to `t_end`); the loss is the
-next-token loss plus `weight` × (mean gate − (1 − ratio))², a pull of the global keep rate toward
-the target. Only the routers' parameters learn; the base model is frozen (gradients flow through
-its activations only). Stage 2 (optional, `lora_steps` > 0): LoRA adapters (peft) on the base's
+Stage 1 (routers): every routed sublayer runs behind a hard gate with straight-through gradients
+(temperature annealed geometrically from `t_start` to `t_end`); logistic (Gumbel-sigmoid) noise
+explores during the first `explore` share of the steps and is annealed to zero, so that the rest
+trains the deterministic decisions that inference takes. The loss is the next-token loss plus
+`weight` × (kept share − (1 − ratio))², the kept share weighing each sublayer by its cost (`budget`:
+one per module, SkipGPT's count, or the FLOPs a skipped token saves there). Only the routers'
+parameters learn; the base model is frozen (gradients flow through its activations only). Every
+`eval_every` steps the deterministic routers, their threshold set for the exact ratio, are scored
+on held-out train windows; the best set seen — the initial one included — is the result, so
+training never returns routers worse on those tokens than the ranking they started from. Stage 2 (optional, `lora_steps` > 0): LoRA adapters (peft) on the base's
 linear layers, trained with the routers frozen and their hard decisions applied, then merged.
 
 Training windows are drawn from the corpus's train split by the seed, one batch per step, so a run
@@ -31,9 +36,11 @@ from prunerzero.core.integrity import CorruptCache, set_aside, sha256
 from prunerzero.core.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 from .interventions import applied
-from .skipping import Router, install
+from .skipping import Router, calibrate_threshold, install
 
 FORMAT = 1
+ALGORITHM = 2  # of training: part of the cache key, so routers trained another way are not taken for these
+BUDGETS = ("modules", "flops")
 DATA, META = "routers.safetensors", "routers.json"  # a router set's files, in the cache or beside a saved model
 
 
@@ -46,12 +53,16 @@ class TrainConfig:
     ratio: float  # target fraction of (sublayer, token) pairs skipped
     kinds: tuple[str, ...] = ("attention", "mlp")
     steps: int = 300
-    batch: int = 4
+    batch: int = 2
     seq_len: int = 256
     lr: float = 5e-3
     weight: float = 20.0  # of the sparsity loss
     t_start: float = 1.0
     t_end: float = 0.1
+    explore: float = 0.3  # share of the steps with gate noise (annealed 1 -> 0); then deterministic
+    budget: str = "modules"  # what the ratio counts: "modules" (each sublayer alike) or "flops"
+    holdout: int = 4  # held-out train windows that choose the best routers seen
+    eval_every: int = 25
     seed: int = 0
     init: tuple[float, ...] = ()  # initial keep-logit bias per routed sublayer (empty: logit(1 - ratio))
     lora_steps: int = 0
@@ -60,7 +71,8 @@ class TrainConfig:
     checkpoint_every: int = 25
 
     def key(self, model_id: str, data_id: str) -> str:
-        data = json.dumps({"model": model_id, "data": data_id, **dataclasses.asdict(self)}, sort_keys=True)
+        data = json.dumps({"model": model_id, "data": data_id, "algorithm": ALGORITHM, **dataclasses.asdict(self)},
+                          sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -139,13 +151,30 @@ def default_bias(ratio: float) -> float:
     return math.log(keep / (1 - keep))
 
 
+def sublayer_costs(structure, subs, budget: str) -> list[float]:
+    """What skipping one token saves in each routed sublayer, mean 1: every module alike
+    (`modules`), or the multiply-adds it skips (`flops`: an attention's q and o projections — its
+    keys and values are still computed — and an MLP's three matrices)."""
+    if budget not in BUDGETS:
+        raise RouterError(f"unknown skip budget {budget!r}: use one of {', '.join(BUDGETS)}")
+    if budget == "modules":
+        return [1.0] * len(subs)
+    attentions = {a.block: a for a in structure.attentions}
+    mlps = {m.block: m for m in structure.mlps}
+    size = lambda *units: float(sum(math.prod(u.shape) for u in units))  # noqa: E731
+    raw = [size(attentions[s.block].q, attentions[s.block].o) if s.kind == "attention"
+           else size(mlps[s.block].gate, mlps[s.block].up, mlps[s.block].down) for s in subs]
+    return [c * len(raw) / sum(raw) for c in raw]
+
+
 def load_or_train(ctx, cfg: TrainConfig, model_id: str, log=print) -> RouterSet:
     """The routers for `cfg` from the cache, else trained (resuming a checkpoint if one exists).
     The cache key holds the model's identity, the configuration and the training tokens."""
     if ctx.train_windows is None:
         raise RouterError("router training needs the corpus's train split (a context built by an Evaluator)")
     windows = ctx.train_windows(cfg.steps * cfg.batch, cfg.seq_len, cfg.seed)
-    data_id = sha256(windows.numpy().tobytes())[:16]
+    holdout = ctx.train_windows(cfg.holdout, cfg.seq_len, cfg.seed + 1) if cfg.holdout else windows[:0]
+    data_id = sha256(windows.numpy().tobytes() + holdout.numpy().tobytes())[:16]
     folder = cache_dir("routers", cfg.key(model_id, data_id))
     if (folder / META).is_file():
         try:
@@ -154,7 +183,7 @@ def load_or_train(ctx, cfg: TrainConfig, model_id: str, log=print) -> RouterSet:
             return found
         except CorruptCache as e:
             set_aside(folder / META, str(e), log, then="retraining")
-    result = train(ctx, cfg, windows, folder, log)
+    result = train(ctx, cfg, windows, holdout, folder, log)
     result.meta |= {"model_id": model_id, "data_id": data_id}
     result.save(folder)
     for name in ("checkpoint.safetensors", "checkpoint.json"):
@@ -162,49 +191,55 @@ def load_or_train(ctx, cfg: TrainConfig, model_id: str, log=print) -> RouterSet:
     return result
 
 
-def train(ctx, cfg: TrainConfig, windows: torch.Tensor, folder: Path, log=print) -> RouterSet:
+@dataclass
+class Best:
+    """The best routers seen on the held-out windows (loss, step, their tensors)."""
+
+    loss: float = math.inf
+    step: int = -1
+    tensors: dict = dataclasses.field(default_factory=dict)
+
+
+def train(ctx, cfg: TrainConfig, windows: torch.Tensor, holdout: torch.Tensor, folder: Path, log=print) -> RouterSet:
     subs = routed(ctx.structure, cfg.kinds)
     if cfg.init and len(cfg.init) != len(subs):
         raise RouterError(f"init gives {len(cfg.init)} biases for {len(subs)} routed sublayers")
     hidden = ctx.model.get_input_embeddings().weight.shape[1]
     routers = [Router(hidden, cfg.init[i] if cfg.init else default_bias(cfg.ratio)).to(ctx.device)
                for i in range(len(subs))]
-    params = [p for r in routers for p in r.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    costs = sublayer_costs(ctx.structure, subs, cfg.budget)
+    opt = torch.optim.Adam([p for r in routers for p in r.parameters()], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, history = _resume(folder, cfg, routers, opt, gen, log)
+    start, history, best = _resume(folder, cfg, routers, opt, gen, log)
     t0 = time.perf_counter()
     with applied() as edits:
-        wrapped = [install(edits, s, r, "train") for s, r in zip(subs, routers)]
+        wrapped = [install(edits, s, r, "train", cost=c) for s, r, c in zip(subs, routers, costs)]
         for w in wrapped:
             w.generator = gen
+        if start == 0:
+            best = _consider(best, ctx, wrapped, routers, holdout, cfg, 0, log)
         for step in range(start, cfg.steps):
-            frac = step / max(cfg.steps - 1, 1)
-            for w in wrapped:
-                w.temperature = cfg.t_start * (cfg.t_end / cfg.t_start) ** frac
-            ids = windows[step * cfg.batch:(step + 1) * cfg.batch].to(ctx.device)
-            with torch.enable_grad():
-                lm = ctx.model(ids, labels=ids, use_cache=False).loss
-                keep = torch.cat([g.flatten() for w in wrapped for g in w.gates]).mean()
-                loss = lm + cfg.weight * (keep - (1 - cfg.ratio)) ** 2
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            for w in wrapped:
-                w.gates.clear()
-            history.append([round(float(lm.detach()), 5), round(float(keep.detach()), 5)])
+            _anneal(wrapped, cfg, step)
+            lm, keep = _step(ctx, cfg, wrapped, opt, windows[step * cfg.batch:(step + 1) * cfg.batch])
+            history.append([round(lm, 5), round(keep, 5)])
             done = step + 1
             if done % 10 == 0 or done == cfg.steps:
                 rate = (time.perf_counter() - t0) / (done - start)
-                log(f"routers: step {done}/{cfg.steps} loss {history[-1][0]:.3f} keep {history[-1][1]:.3f} "
-                    f"(target {1 - cfg.ratio:.3f}) temperature {wrapped[0].temperature:.3f} "
+                log(f"routers: step {done}/{cfg.steps} loss {lm:.3f} kept {keep:.3f} (target {1 - cfg.ratio:.3f}) "
+                    f"temperature {wrapped[0].temperature:.3f} noise {wrapped[0].noise:.2f} "
                     f"{rate:.1f}s/step, {rate * (cfg.steps - done) / 60:.1f} min left")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                best = _consider(best, ctx, wrapped, routers, holdout, cfg, done, log)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _checkpoint(folder, cfg, routers, opt, gen, done, history)
+                _checkpoint(folder, cfg, routers, opt, gen, done, history, best)
+    for r, state in zip(routers, _unflatten(best.tensors, len(routers))):
+        r.load_state_dict(state)
     seconds = time.perf_counter() - t0
     names = [(s.block, s.kind) for s in subs]
     meta = {"format": FORMAT, "names": names, "config": dataclasses.asdict(cfg), "train_seconds": round(seconds, 1),
-            "resumed_at": start, "history": history}
+            "resumed_at": start, "history": history, "costs": costs,
+            "best": {"step": best.step, "holdout_loss": round(best.loss, 6)}}
+    log(f"routers: kept the routers of step {best.step} (held-out loss {best.loss:.4f})")
     result = RouterSet(names, [r.cpu() for r in routers], meta)
     if cfg.lora_steps:
         from .lora import train_lora
@@ -213,35 +248,87 @@ def train(ctx, cfg: TrainConfig, windows: torch.Tensor, folder: Path, log=print)
     return result
 
 
-def _state(cfg, routers, opt, gen, step, history) -> tuple[dict, dict]:
-    tensors = {f"r{i}.{k}": v.detach().cpu().contiguous() for i, r in enumerate(routers) for k, v in r.state_dict().items()}
+def _anneal(wrapped, cfg: TrainConfig, step: int) -> None:
+    frac = step / max(cfg.steps - 1, 1)
+    noise = max(0.0, 1.0 - frac / cfg.explore) if cfg.explore > 0 else 0.0
+    for w in wrapped:
+        w.temperature = cfg.t_start * (cfg.t_end / cfg.t_start) ** frac
+        w.noise = noise
+
+
+def _step(ctx, cfg: TrainConfig, wrapped, opt, ids: torch.Tensor) -> tuple[float, float]:
+    """One optimiser step of the routers: next-token loss + the pull of the kept share to target."""
+    with torch.enable_grad():
+        lm = ctx.model(ids.to(ctx.device), labels=ids.to(ctx.device), use_cache=False).loss
+        kept = sum(w.cost * torch.cat([g.flatten() for g in w.gates]).mean() for w in wrapped) / sum(
+            w.cost for w in wrapped)
+        loss = lm + cfg.weight * (kept - (1 - cfg.ratio)) ** 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    for w in wrapped:
+        w.gates.clear()
+    return float(lm.detach()), float(kept.detach())
+
+
+@torch.no_grad()
+def _consider(best: Best, ctx, wrapped, routers, holdout: torch.Tensor, cfg: TrainConfig, step: int, log) -> Best:
+    """Score the routers as inference runs them (deterministic, threshold set for the exact
+    ratio on the held-out windows) and keep them if they are the best seen."""
+    if not len(holdout):
+        return Best(0.0, step, _flatten(routers))
+    ids = holdout.to(ctx.device)
+    for w in wrapped:
+        w.execution = "multiply"
+    try:
+        calibrate_threshold(ctx.model, wrapped, ids, cfg.ratio, rounds=2)
+        loss = float(ctx.model(ids, labels=ids, use_cache=False).loss)
+    finally:
+        for w in wrapped:
+            w.execution, w.threshold = "train", 0.0
+    better = loss < best.loss
+    log(f"routers: held-out loss {loss:.4f} at step {step}" + (" (best so far)" if better else ""))
+    return Best(loss, step, _flatten(routers)) if better else best
+
+
+def _flatten(routers) -> dict[str, torch.Tensor]:
+    return {f"r{i}.{k}": v.detach().cpu().clone() for i, r in enumerate(routers) for k, v in r.state_dict().items()}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    return [{k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == f"r{i}"} for i in range(n)]
+
+
+def _state(cfg, routers, opt, gen, step, history, best: Best) -> tuple[dict, dict]:
+    tensors = {k: v.contiguous() for k, v in _flatten(routers).items()}
+    tensors |= {f"best.{k}": v.contiguous() for k, v in best.tensors.items()}
     state = opt.state_dict()
     for pid, s in state["state"].items():
         for k, v in s.items():
             tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     tensors["generator"] = gen.get_state()
     meta = {"format": FORMAT, "config": dataclasses.asdict(cfg), "step": step, "history": history,
-            "param_groups": state["param_groups"]}
+            "param_groups": state["param_groups"], "best": [best.loss, best.step]}
     return meta, tensors
 
 
-def _checkpoint(folder: Path, cfg, routers, opt, gen, step, history) -> None:
-    meta, tensors = _state(cfg, routers, opt, gen, step, history)
+def _checkpoint(folder: Path, cfg, routers, opt, gen, step, history, best: Best) -> None:
+    meta, tensors = _state(cfg, routers, opt, gen, step, history, best)
     data = save(tensors)
     atomic_write_bytes(folder / "checkpoint.safetensors", data)
     atomic_write_text(folder / "checkpoint.json", json.dumps({**meta, "sha256": sha256(data)}))
 
 
-def _resume(folder: Path, cfg, routers, opt, gen, log) -> tuple[int, list]:
+def _resume(folder: Path, cfg, routers, opt, gen, log) -> tuple[int, list, Best]:
     """Continue from a checkpoint of the same configuration; a damaged one is set aside."""
     if not (folder / "checkpoint.json").is_file():
-        return 0, []
+        return 0, [], Best()
     try:
         meta, tensors = _read_verified(folder / "checkpoint.safetensors", folder / "checkpoint.json")
         if meta.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise CorruptCache("its configuration differs")
-        for i, r in enumerate(routers):
-            r.load_state_dict({k: tensors[f"r{i}.{k}"] for k in r.state_dict()})
+        for r, state in zip(routers, _unflatten(tensors, len(routers))):
+            r.load_state_dict(state)
         state = {"param_groups": meta["param_groups"], "state": {}}
         for key, v in tensors.items():
             if key.startswith("opt."):
@@ -249,8 +336,10 @@ def _resume(folder: Path, cfg, routers, opt, gen, log) -> tuple[int, list]:
                 state["state"].setdefault(int(pid), {})[name] = v
         opt.load_state_dict(state)
         gen.set_state(tensors["generator"])
-    except (CorruptCache, KeyError, ValueError, RuntimeError) as e:
+        loss, step = meta["best"]
+        best = Best(float(loss), int(step), {k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+    except (CorruptCache, KeyError, ValueError, TypeError, RuntimeError) as e:
         set_aside(folder / "checkpoint.json", str(e), log, then="training from the start")
-        return 0, []
+        return 0, [], Best()
     log(f"routers: resuming from step {meta['step']} ({folder / 'checkpoint.json'})")
-    return int(meta["step"]), [list(h) for h in meta["history"]]
+    return int(meta["step"]), [list(h) for h in meta["history"]], best

@@ -14,6 +14,7 @@ Candidates:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -30,8 +31,8 @@ from .influence import removal_losses, sublayer_influence
 from .lora import apply_deltas
 from .reduce import check_reducer, group_scores
 from .removal import remove_sublayer
-from .routers import RouterError, RouterSet, TrainConfig, default_bias, load_or_train, routed
-from .skipping import EXECUTIONS, Router, install, skip_counts
+from .routers import BUDGETS, RouterError, RouterSet, TrainConfig, default_bias, load_or_train, routed, sublayer_costs
+from .skipping import EXECUTIONS, Router, calibrate_threshold, install, skip_counts
 from .target import PruneReport
 
 KINDS = {"both": ("attention", "mlp"), "attention": ("attention",), "mlp": ("mlp",)}
@@ -51,12 +52,16 @@ class SkipTarget:
     routers: str = ""  # a directory of routers trained before (routers.safetensors + routers.json)
     calibrate: bool = True  # keep threshold set on calibration tokens so exactly `ratio` is skipped
     steps: int = 300  # router training (routers.TrainConfig)
-    batch: int = 4
+    batch: int = 2
     seq_len: int = 256
     lr: float = 5e-3
     weight: float = 20.0
     t_start: float = 1.0
     t_end: float = 0.1
+    explore: float = 0.3
+    budget: str = "modules"  # what the ratio counts: modules (SkipGPT) or flops (what a skipped token saves)
+    holdout: int = 4
+    eval_every: int = 25
     seed: int = 0
     lora_steps: int = 0
     lora_rank: int = 8
@@ -71,8 +76,12 @@ class SkipTarget:
             raise ValueError(f"unknown execution {self.execution!r}: use gather or multiply")
         if self.steps < 1 or self.batch < 1 or self.seq_len < 2 or self.lora_steps < 0 or self.lora_rank < 1:
             raise ValueError("router training needs steps >= 1, batch >= 1, seq_len >= 2, lora_steps >= 0, lora_rank >= 1")
-        if not (self.lr > 0 and self.weight >= 0 and 0 < self.t_end <= self.t_start):
-            raise ValueError("router training needs lr > 0, weight >= 0 and 0 < t_end <= t_start")
+        if not (self.lr > 0 and self.weight >= 0 and 0 < self.t_end <= self.t_start and 0 <= self.explore <= 1):
+            raise ValueError("router training needs lr > 0, weight >= 0, 0 < t_end <= t_start and 0 <= explore <= 1")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown skip budget {self.budget!r}: use one of {', '.join(BUDGETS)}")
+        if self.holdout < 0 or self.eval_every < 1:
+            raise ValueError("router training needs holdout >= 0 windows and eval_every >= 1 steps")
         check_reducer(self.reducer, self.normalize)
 
     @property
@@ -86,8 +95,8 @@ class SkipTarget:
         return f"{self.ratio:g} of {scope} skipped{extra}"
 
     def train_config(self, init: tuple[float, ...] = ()) -> TrainConfig:
-        return TrainConfig(self.ratio, self.kinds, self.steps, self.batch, self.seq_len, self.lr, self.weight,
-                           self.t_start, self.t_end, self.seed, init, self.lora_steps, self.lora_rank, self.lora_lr)
+        shared = {f.name for f in dataclasses.fields(TrainConfig)} - {"ratio", "kinds", "init"}
+        return TrainConfig(self.ratio, self.kinds, init=init, **{k: getattr(self, k) for k in shared if hasattr(self, k)})
 
 
 # ------------------------------------------------------------------ static rankings
@@ -109,37 +118,46 @@ def importance(ctx, candidate, target: SkipTarget) -> np.ndarray:
     return out
 
 
-def static_plan(imp: np.ndarray, target: SkipTarget) -> list[tuple[int, str]]:
-    """The `ratio` of in-scope sublayers of least importance, as (block, kind), in block order."""
-    names = [(b, kind) for b in range(imp.shape[0]) for j, kind in enumerate(("attention", "mlp"))
-             if kind in target.kinds]
+def static_plan(imp: np.ndarray, target: SkipTarget, costs: dict | None = None) -> list[tuple[int, str]]:
+    """In-scope sublayers of least importance, as (block, kind) in block order, removed until
+    they hold the `ratio` of the budget (of the modules, or of their `costs` for a FLOPs budget:
+    the nearest share reachable in that order)."""
+    names = [(b, kind) for b in range(imp.shape[0]) for kind in ("attention", "mlp") if kind in target.kinds]
     values = np.array([imp[b, 0 if kind == "attention" else 1] for b, kind in names])
-    n = int(round(target.ratio * len(names)))
-    chosen = np.argsort(values, kind="stable")[:n]
-    return sorted(names[i] for i in chosen)
+    cost = np.array([1.0 if costs is None else costs[n] for n in names])
+    goal, total, chosen = target.ratio * cost.sum(), 0.0, []
+    for i in np.argsort(values, kind="stable"):
+        if total + cost[i] / 2 > goal:
+            break
+        chosen.append(names[i])
+        total += cost[i]
+    return sorted(chosen)
 
 
-def init_biases(plan: list[tuple[int, str]], subs, ratio: float) -> tuple[float, ...]:
-    """Router biases from a static plan: its sublayers start mostly skipped (keep 0.1), the others
-    kept so that the mean keep rate is the target's."""
+def costs_of(ctx, target: SkipTarget, budget: str | None = None) -> dict[tuple[int, str], float]:
+    """What skipping a token saves in each routed sublayer, in the budget's unit (or `budget`'s)."""
+    subs = routed(ctx.structure, target.kinds)
+    return dict(zip([(s.block, s.kind) for s in subs], sublayer_costs(ctx.structure, subs, budget or target.budget)))
+
+
+def init_biases(plan: list[tuple[int, str]], costs: dict[tuple[int, str], float], ratio: float) -> tuple[float, ...]:
+    """Router biases (in the order of `costs`, the routed sublayers) from a static plan: its
+    sublayers start mostly skipped (keep 0.1), the others kept so that the budget's kept share is
+    the target's."""
     if not plan:
-        return tuple(default_bias(ratio) for _ in subs)
+        return tuple(default_bias(ratio) for _ in costs)
     low = 0.1
-    share = len(plan) / len(subs)
+    share = sum(costs[k] for k in plan) / sum(costs.values())
     high = min((1 - ratio - share * low) / max(1 - share, 1e-9), 0.999)
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     removed = set(plan)
-    return tuple(round(logit(low if (s.block, s.kind) in removed else max(high, 0.5)), 6) for s in subs)
+    return tuple(round(logit(low if k in removed else max(high, 0.5)), 6) for k in costs)
 
 
 # ------------------------------------------------------------------ applying
 def model_id(ctx) -> str:
     """What a router set is trained for: the model's class, shape and a digest of its weights."""
-    def compute():
-        digest = sum(float(u.weight.double().abs().sum()) for u in ctx.units)
-        hidden = ctx.model.get_input_embeddings().weight.shape[1]
-        return f"{type(ctx.model).__name__}|{hidden}|{len(ctx.structure.blocks)}|{digest:.9e}"
-    return ctx.remember("model_id", compute)
+    return ctx.identity()
 
 
 def check_skip(ctx, target: SkipTarget) -> None:
@@ -173,18 +191,20 @@ def apply_skip(ctx, candidate, target: SkipTarget) -> PruneReport:
         extra = _apply_routers(ctx, target)
         report.add_plan("routers", (extra["router_key"], round(extra["threshold"], 9), target.execution))
     else:
-        plan = static_plan(importance(ctx, candidate, target), target)
+        plan = static_plan(importance(ctx, candidate, target), target, costs_of(ctx, target))
         by_name = {(s.block, s.kind): s for b in ctx.structure.blocks for s in b.sublayers}
         for key in plan:
             remove_sublayer(ctx.edits, by_name[key])
-        n = len(routed(ctx.structure, target.kinds))
-        extra = {"skip_ratio": len(plan) / n, "attention_skip_ratio": _share(plan, "attention", ctx),
+        flops = costs_of(ctx, target, "flops")
+        extra = {"skip_ratio": len(plan) / len(flops), "flops_skip_ratio": sum(flops[k] for k in plan) / sum(flops.values()),
+                 "attention_skip_ratio": _share(plan, "attention", ctx),
                  "mlp_skip_ratio": _share(plan, "mlp", ctx), "removed": [list(k) for k in plan]}
         report.add_plan("static", plan)
     report.extra.update(extra)
     report.seconds = time.perf_counter() - t0
-    ctx.log(f"skip: {report.method} skips {extra['skip_ratio']:.3f} of {target.modules} modules "
-            f"(attention {extra['attention_skip_ratio']:.3f}, MLP {extra['mlp_skip_ratio']:.3f})")
+    ctx.log(f"skip: {report.method} skips {extra['skip_ratio']:.3f} of {target.modules} modules, "
+            f"{extra['flops_skip_ratio']:.3f} of their FLOPs (attention {extra['attention_skip_ratio']:.3f}, "
+            f"MLP {extra['mlp_skip_ratio']:.3f})")
     return report
 
 
@@ -192,8 +212,9 @@ def _share(plan, kind: str, ctx) -> float:
     return sum(k == kind for _, k in plan) / len(ctx.structure.blocks)
 
 
-def _apply_routers(ctx, target: SkipTarget) -> dict:
+def _apply_routers(ctx, target: SkipTarget, tokens: int = 256) -> dict:
     subs = routed(ctx.structure, target.kinds)
+    costs, flops = costs_of(ctx, target), costs_of(ctx, target, "flops")
     if target.routers:
         routers = _given_routers(ctx, target)
     else:
@@ -202,41 +223,21 @@ def _apply_routers(ctx, target: SkipTarget) -> dict:
             from .modes import get_mode
 
             start = get_mode("skip").candidate(target.router_init)
-            init = init_biases(static_plan(importance(ctx, start, target), target), subs, target.ratio)
+            init = init_biases(static_plan(importance(ctx, start, target), target, costs), costs, target.ratio)
         cfg = target.train_config(init)
         routers = ctx.remember(("routers", cfg), lambda: load_or_train(ctx, cfg, model_id(ctx), ctx.log))
     if routers.lora:
         apply_deltas(ctx.edits, ctx.units, routers.lora)
     attentions = {a.block: a for a in ctx.structure.attentions}
-    wrapped = [install(ctx.edits, s, r.to(ctx.device), target.execution, 0.0, attentions.get(s.block))
-               for s, r in zip(subs, routers.routers)]
-    threshold = calibrate_threshold(ctx, wrapped, target.ratio) if target.calibrate else 0.0
+    wrapped = [install(ctx.edits, s, r.to(ctx.device), target.execution, 0.0, attentions.get(s.block),
+                       costs[(s.block, s.kind)], flops[(s.block, s.kind)]) for s, r in zip(subs, routers.routers)]
+    ids = ctx.calibration[:4, :tokens].to(ctx.device)
+    threshold = calibrate_threshold(ctx.model, wrapped, ids, target.ratio) if target.calibrate else 0.0
     counts = skip_counts(ctx.model, reset=True)
     return {**counts, "threshold": threshold, "router_key": routers.meta.get("sha256", ""),
-            "routers_dir": str(routers.path or ""),
+            "costs": [costs[(s.block, s.kind)] for s in subs], "flops": [flops[(s.block, s.kind)] for s in subs],
+            "router_best": routers.meta.get("best", {}), "routers_dir": str(routers.path or ""),
             "router_train_seconds": routers.meta.get("train_seconds", 0.0), "routed": [list(n) for n in routers.names]}
-
-
-@torch.no_grad()
-def calibrate_threshold(ctx, wrapped, ratio: float, windows: int = 4, tokens: int = 256, rounds: int = 3) -> float:
-    """One keep threshold on the router logits for all sublayers, set so that `ratio` of the
-    (sublayer, token) pairs of calibration tokens are skipped. Downstream logits depend on
-    upstream decisions, so it is refit a few times (a fixed point); the counts then hold the
-    calibration skip rate reached."""
-    ids = ctx.calibration[:windows, :tokens].to(ctx.device)
-    threshold = 0.0
-    for _ in range(rounds):
-        for w in wrapped:
-            w.threshold, w.state.collect, w.state.logits = threshold, True, []
-        skip_counts(ctx.model, reset=True)
-        ctx.model(ids, use_cache=False, logits_to_keep=1)
-        logits = torch.cat([t for w in wrapped for t in w.state.logits])
-        threshold = float(torch.quantile(logits.double(), ratio)) if ratio > 0 else float(logits.min()) - 1.0
-    for w in wrapped:
-        w.threshold, w.state.collect, w.state.logits = threshold, False, []
-    skip_counts(ctx.model, reset=True)
-    ctx.model(ids, use_cache=False, logits_to_keep=1)
-    return threshold
 
 
 # ------------------------------------------------------------------ saving and loading
@@ -253,7 +254,8 @@ def save_skip(ctx, report: PruneReport, out) -> None:
     save_model(ctx.model, str(out / "model.safetensors"))
     x = report.extra
     plan = {"removed": x.get("removed", []), "routed": x.get("routed", []), "threshold": x.get("threshold", 0.0),
-            "execution": report.target.execution, "model_id": model_id(ctx) if x.get("routed") else ""}
+            "execution": report.target.execution, "model_id": model_id(ctx) if x.get("routed") else "",
+            "costs": x.get("costs", []), "flops": x.get("flops", [])}
     atomic_write_text(out / MARKER, json.dumps({"format": 1, "plan": plan, "budget": report.target.describe()}))
 
 
@@ -278,8 +280,10 @@ def load_skip(path, dtype: torch.dtype):
     by_name = {(s.block, s.kind): s for b in structure.blocks for s in b.sublayers}
     attentions = {a.block: a for a in structure.attentions}
     edits, hidden = Edits(), model.get_input_embeddings().weight.shape[1]
-    for b, kind in routed_names:
-        install(edits, by_name[(b, kind)], Router(hidden), plan["execution"], plan["threshold"], attentions.get(b))
+    costs = plan.get("costs") or [1.0] * len(routed_names)
+    flops = plan.get("flops") or [1.0] * len(routed_names)
+    for (b, kind), cost, f in zip(routed_names, costs, flops):
+        install(edits, by_name[(b, kind)], Router(hidden), plan["execution"], plan["threshold"], attentions.get(b), cost, f)
     for key in removed:
         remove_sublayer(edits, by_name[key])
     load_model(model, str(path / "model.safetensors"), strict=True)

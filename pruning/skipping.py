@@ -4,8 +4,9 @@ A `Router` before each chosen sublayer reads the hidden state the sublayer recei
 token a keep logit; `SkipSublayer` wraps the sublayer (through an `Edits` journal, so restorable)
 and runs it in one of three ways:
 
-- `train`: every token runs; the output is multiplied by a hard Gumbel-sigmoid gate with a
-  straight-through gradient (the routers learn; the base is frozen);
+- `train`: every token runs; the output is multiplied by a hard gate with a straight-through
+  gradient — logistic (Gumbel-sigmoid) noise of scale `noise` explores early in training and is
+  annealed to zero, so the last steps train the deterministic decisions inference takes;
 - `multiply`: every token runs; skipped tokens' outputs are multiplied by zero — SkipGPT's released
   inference, no compute saved (kept for comparison: it must give the same perplexity as gather);
 - `gather`: only kept tokens run. An MLP runs on the gathered kept tokens and its outputs are
@@ -63,14 +64,19 @@ class SkipState:
     flat: torch.Tensor | None = None  # indices of kept tokens in the flattened (batch*tokens)
     kept: int = 0
     seen: int = 0
+    all_kept: bool = False  # the current forward keeps every token (decode: often)
+    none_kept: bool = False  # ... or none
     logits: list = field(default_factory=list)  # filled while `collect` is on (threshold calibration)
     collect: bool = False
 
 
-def hard_concrete(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """A {0, 1} gate with the gradient of its relaxation (Gumbel-sigmoid, straight-through)."""
+def hard_concrete(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                  noise: float = 1.0) -> torch.Tensor:
+    """A {0, 1} gate with the gradient of its relaxation (Gumbel-sigmoid, straight-through).
+    `noise` scales the logistic noise: 1 samples keep ~ Bernoulli(sigmoid(logit)), 0 is the
+    deterministic gate logit > 0 that inference uses (with the sigmoid's gradient)."""
     u = torch.rand(logits.shape, generator=generator, device="cpu").to(logits.device).clamp_(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    soft = torch.sigmoid((logits + noise * (torch.log(u) - torch.log1p(-u))) / temperature)
     return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
 
 
@@ -78,25 +84,29 @@ class SkipSublayer(nn.Module):
     """A sublayer behind a router. `kind` is "attention" (returns (output, weights)) or "mlp"."""
 
     def __init__(self, inner: nn.Module, router: Router, kind: str, execution: str = "gather",
-                 threshold: float = 0.0) -> None:
+                 threshold: float = 0.0, cost: float = 1.0, flops: float = 1.0) -> None:
         super().__init__()
         if execution not in EXECUTIONS:
             raise ValueError(f"unknown skip execution {execution!r}: use one of {', '.join(EXECUTIONS)}")
         self.inner, self.router, self.kind = inner, router, kind
         self.execution, self.threshold = execution, float(threshold)
+        self.cost = float(cost)  # what skipping one token here saves, in the budget's unit (module or FLOPs)
+        self.flops = float(flops)  # ... in multiply-adds (reported whatever the budget)
         self.state = SkipState()
-        self.temperature = 1.0
+        self.temperature, self.noise = 1.0, 1.0
         self.generator: torch.Generator | None = None
         self.gates: list[torch.Tensor] = []  # train: the gates of this forward (the sparsity loss reads them)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         logits = self.router(hidden_states)
         if self.execution == "train":
-            gate = hard_concrete(logits, self.temperature, self.generator)
+            gate = hard_concrete(logits, self.temperature, self.generator, self.noise)
             self.gates.append(gate)
             return self._scaled(self.inner(hidden_states, *args, **kwargs), gate)
         keep = logits > self.threshold
         self._count(keep, logits)
+        if self.execution == "gather" and self.state.all_kept:  # nothing skipped (often so in decode)
+            return self.inner(hidden_states, *args, **kwargs)
         if self.execution == "multiply":
             return self._scaled(self.inner(hidden_states, *args, **kwargs), keep.to(hidden_states.dtype))
         if self.kind == "mlp":
@@ -108,8 +118,10 @@ class SkipSublayer(nn.Module):
             self.state.keep = self.state.flat = None
 
     def _count(self, keep: torch.Tensor, logits: torch.Tensor) -> None:
-        self.state.kept += int(keep.sum())
+        kept = int(keep.sum())
+        self.state.kept += kept
         self.state.seen += keep.numel()
+        self.state.all_kept, self.state.none_kept = kept == keep.numel(), kept == 0
         if self.state.collect:
             self.state.logits.append(logits.detach().flatten().cpu())
 
@@ -119,6 +131,8 @@ class SkipSublayer(nn.Module):
         return out * gate[..., None].to(out.dtype)
 
     def _gathered_mlp(self, x: torch.Tensor, keep: torch.Tensor, args, kwargs) -> torch.Tensor:
+        if self.state.none_kept:
+            return torch.zeros_like(x)
         flat = x.reshape(-1, x.shape[-1])
         idx = keep.flatten().nonzero().squeeze(1)
         out = torch.zeros_like(flat)
@@ -213,10 +227,10 @@ def _attention_impl(attn_module: nn.Module):
 
 # ------------------------------------------------------------------ installing
 def install(edits: Edits, sublayer, router: Router, execution: str, threshold: float = 0.0,
-            attention=None) -> SkipSublayer:
+            attention=None, cost: float = 1.0, flops: float = 1.0) -> SkipSublayer:
     """Wrap one sublayer (models.structure.Sublayer) behind its router, through `edits`. For an
     attention in `gather` execution, `attention` (models.structure.Attention) names q and o."""
-    wrapper = SkipSublayer(sublayer.module, router, sublayer.kind, execution, threshold)
+    wrapper = SkipSublayer(sublayer.module, router, sublayer.kind, execution, threshold, cost, flops)
     if sublayer.kind == "attention" and execution == "gather":
         if attention is None:
             raise ValueError(f"{sublayer.name}: gather execution of an attention needs its projections")
@@ -246,16 +260,58 @@ def wrappers(model: nn.Module) -> list[SkipSublayer]:
 
 
 def skip_counts(model: nn.Module, reset: bool = False) -> dict[str, float]:
-    """Fractions of tokens skipped since the last reset: overall, per kind."""
-    out, totals = {}, {}
+    """Fractions of tokens skipped since the last reset: overall, per kind, and weighted by each
+    sublayer's multiply-adds (`flops_skip_ratio`: the share of the routed compute not done)."""
+    out, totals, cost = {}, {}, [0.0, 0.0]
     for w in wrappers(model):
         k = totals.setdefault(w.kind, [0, 0])
         k[0] += w.state.seen - w.state.kept
         k[1] += w.state.seen
+        cost[0] += w.flops * (w.state.seen - w.state.kept)
+        cost[1] += w.flops * w.state.seen
         if reset:
             w.state.kept = w.state.seen = 0
     skipped, seen = sum(v[0] for v in totals.values()), sum(v[1] for v in totals.values())
     out["skip_ratio"] = skipped / seen if seen else 0.0
+    out["flops_skip_ratio"] = cost[0] / cost[1] if cost[1] else 0.0
     for kind, (s, n) in totals.items():
         out[f"{kind}_skip_ratio"] = s / n if n else 0.0
     return out
+
+
+# ------------------------------------------------------------------ one keep threshold for a budget
+def weighted_quantile(values: list[torch.Tensor], weights: list[float], q: float) -> float:
+    """The threshold t whose skipped pairs (value <= t) carry the share of the total weight
+    nearest to `q` (each tensor's entries weigh its weight). Cuts fall only between distinct
+    values: tied logits (routers that still hold only their initial biases) are skipped or kept
+    together, never all skipped because the quantile landed inside a tie."""
+    v = torch.cat([t.double().flatten() for t in values])
+    w = torch.cat([torch.full((t.numel(),), float(c), dtype=torch.float64) for t, c in zip(values, weights)])
+    order = torch.argsort(v, stable=True)
+    v, cum = v[order], torch.cumsum(w[order], 0)
+    last = torch.ones_like(v, dtype=torch.bool)
+    last[:-1] = v[1:] > v[:-1]  # the last of each run of equal values: a possible cut
+    cuts, shares = v[last], cum[last] / cum[-1]
+    j = int(torch.argmin((shares - q).abs()))
+    return float(v[0]) - 1.0 if q < abs(float(shares[j]) - q) else float(cuts[j])
+
+
+@torch.no_grad()
+def calibrate_threshold(model: nn.Module, wrapped: list[SkipSublayer], ids: torch.Tensor, ratio: float,
+                        rounds: int = 3) -> float:
+    """One keep threshold on the router logits of every wrapped sublayer, set so that the tokens
+    `ids` skip a share `ratio` of the (sublayer, token) pairs, each weighed by its sublayer's
+    cost. Downstream logits depend on upstream decisions, so it is refit a few times (a fixed
+    point); the counts then hold the skip rate reached on `ids`."""
+    threshold = 0.0
+    for _ in range(rounds):
+        for w in wrapped:
+            w.threshold, w.state.collect, w.state.logits = threshold, True, []
+        skip_counts(model, reset=True)
+        model(ids, use_cache=False, logits_to_keep=1)
+        threshold = weighted_quantile([torch.cat(w.state.logits) for w in wrapped], [w.cost for w in wrapped], ratio)
+    for w in wrapped:
+        w.threshold, w.state.collect, w.state.logits = threshold, False, []
+    skip_counts(model, reset=True)
+    model(ids, use_cache=False, logits_to_keep=1)
+    return threshold

@@ -27,7 +27,7 @@ FAMILIES = {  # RoPE + GQA; post-norms, q/k norms and a sliding window; q/k/v bi
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
 }
 DATA_IDS = torch.randint(3, 64, (400, 16), generator=torch.Generator().manual_seed(1))
-QUICK = {"ratio": 0.3, "steps": 12, "batch": 2, "seq_len": 16}
+QUICK = {"ratio": 0.3, "steps": 12, "batch": 2, "seq_len": 16, "holdout": 0}  # the last routers, whatever they score
 MODE = get_mode("skip")
 
 
@@ -105,7 +105,7 @@ def test_generation_with_the_kv_cache_matches_recomputation(family):
 
 
 def test_router_training_resumes_to_the_same_routers(cache):
-    cfg = TrainConfig(0.3, steps=20, batch=2, seq_len=16, checkpoint_every=5)
+    cfg = TrainConfig(0.3, steps=20, batch=2, seq_len=16, checkpoint_every=5, eval_every=5, holdout=2, lr=0.2)
     whole = load_or_train(context(), cfg, "model-a", log=lambda m: None)
 
     class Killed(Exception):
@@ -121,9 +121,58 @@ def test_router_training_resumes_to_the_same_routers(cache):
     resumed = load_or_train(context(), cfg, "model-b", log=messages.append)
     assert any("resuming from step 5" in m for m in messages)
     assert resumed.meta["resumed_at"] == 5 and resumed.meta["history"] == whole.meta["history"]
+    assert resumed.meta["best"] == whole.meta["best"]
     for a, b in zip(whole.routers, resumed.routers):
         assert torch.equal(a.proj.weight, b.proj.weight) and torch.equal(a.proj.bias, b.proj.bias)
-    assert any(a.proj.weight.abs().sum() > 0 for a in whole.routers)  # it learned
+    assert len({h[0] for h in whole.meta["history"]}) > 1  # it trained (the best may still be the start)
+
+
+def test_training_keeps_the_best_routers_seen_on_held_out_tokens_the_start_included(cache):
+    messages = []
+    cfg = TrainConfig(0.3, steps=12, batch=2, seq_len=16, eval_every=4, lr=0.5)
+    found = load_or_train(context(), cfg, "model-a", log=messages.append)
+    seen = {int(m.split("at step ")[1].split()[0]): float(m.split("loss ")[1].split()[0])
+            for m in messages if "held-out loss" in m and "at step" in m}
+    assert sorted(seen) == [0, 4, 8, 12]
+    best = min(seen, key=seen.get)
+    assert found.meta["best"]["step"] == best
+    assert found.meta["best"]["holdout_loss"] == pytest.approx(seen[best], abs=1e-4)
+    assert found.meta["best"]["holdout_loss"] <= seen[0]
+
+
+def test_noise_is_annealed_to_deterministic_gates():
+    from prunerzero.pruning.skipping import hard_concrete
+
+    logits = torch.linspace(-3, 3, 101)
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(hard_concrete(logits, 0.5, gen, noise=0.0), (logits > 0).float(), rtol=0, atol=1e-6)
+    noisy = hard_concrete(logits.repeat(50, 1), 1.0, gen, noise=1.0)
+    assert 0.0 < noisy[:, 40].mean() < 1.0  # logit -0.6: kept sometimes
+
+
+def test_a_flops_budget_weighs_each_sublayer_by_what_it_saves():
+    from prunerzero.pruning.routers import sublayer_costs
+    from prunerzero.pruning.skipping import weighted_quantile
+
+    assert weighted_quantile([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [1.0, 2.0], 0.25) == 1.0
+    assert weighted_quantile([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [1.0, 2.0], 0.5) == 2.0
+    assert weighted_quantile([torch.tensor([5.0, 5.0, 5.0, 1.0])], [1.0], 0.3) == 1.0  # never inside a tie
+    assert weighted_quantile([torch.tensor([5.0, 5.0, 5.0, 1.0])], [1.0], 0.1) < 1.0
+    ctx = context()
+    subs = [s for b in ctx.structure.blocks for s in b.sublayers]
+    costs = sublayer_costs(ctx.structure, subs, "flops")
+    # an attention skips q and o (32x32 each), an MLP its three 48x32 matrices
+    assert costs[0] / costs[1] == pytest.approx(2 * 32 * 32 / (3 * 48 * 32)) and sum(costs) == pytest.approx(len(subs))
+    report = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK | {"budget": "flops"}))
+    assert report.extra["flops_skip_ratio"] == pytest.approx(0.3, abs=0.03)
+    ctx.edits.restore()
+    static = MODE.apply(ctx, MODE.candidate("removal"), MODE.make_target({"ratio": 0.3, "budget": "flops"}))
+    assert static.extra["flops_skip_ratio"] == pytest.approx(0.3, abs=0.1)
+    ctx.edits.restore()
+    modules = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
+    assert modules.extra["skip_ratio"] == pytest.approx(0.3, abs=0.03) and modules.extra["flops_skip_ratio"] > 0
+    with pytest.raises(ModeError, match="unknown skip budget 'tokens'"):
+        MODE.make_target({"budget": "tokens"})
 
 
 def test_a_corrupt_router_cache_is_named_set_aside_and_retrained(cache):
@@ -261,3 +310,21 @@ def test_the_cli_names_a_bad_ratio(tmp_path):
 
     result = CliRunner().invoke(app, ["prune", "--mode", "skip", "--ratio", "1.2", "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "skip ratio 1.2 must be in [0, 1)" in result.output
+
+
+def test_removal_losses_are_cached_on_disk_and_a_damaged_entry_is_named_and_recomputed(cache, monkeypatch):
+    from prunerzero.pruning import influence
+
+    first = influence.removal_losses(context())
+    (path,) = cache.rglob("removal-*.json")
+    real = influence._removal_losses
+    monkeypatch.setattr(influence, "_removal_losses", lambda *a: pytest.fail("recomputed a valid cache entry"))
+    assert (influence.removal_losses(context()) == first).all()
+    doc = json.loads(path.read_text())
+    doc["body"][0][0] += 0.5
+    path.write_text(json.dumps(doc))
+    monkeypatch.setattr(influence, "_removal_losses", real)
+    messages = []
+    again = influence.removal_losses(context(log=messages.append))
+    assert (again == first).all() and any("removal losses: checksum mismatch" in m for m in messages)
+    assert len(list(path.parent.glob("*.corrupt-*"))) == 1
