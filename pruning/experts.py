@@ -30,7 +30,7 @@ from prunerzero.primitives.metric import resolve_metric
 
 from .candidates import KINDS, CandidateError, Method, _field
 from .experts_signals import (LayerRouting, alignment, collect_routing, merge_targets, naee_keep,
-                              permute_neurons)
+                              permute_neurons, renormalises)
 from .interventions import Edits
 from .reduce import check_reducer, group_scores
 from .slicing import remove_experts, set_top_k
@@ -54,10 +54,11 @@ class ExpertsTarget:
     allocation: str = "uniform"  # "global": experts x layers kept in total, ranked across layers
     top_k: int = 0  # experts active per token after pruning; 0: the model's (at most the kept count)
     merge: str = "none"  # "aligned": removed experts merged into kept ones (routing-mass weights)
+    rescale: bool = True  # routers that do not renormalise top-k: kept experts scaled by the mass they held
     signal: str = "reap"  # routing statistic a metric's score is multiplied by: none, frequency, gate, reap
     reducer: str = "sum"  # metric weight scores -> expert scores (pruning/reduce.py)
     normalize: str = "none"
-    tokens: int = 4096  # calibration tokens sampled per layer for NAEE and merge targets (memory bound)
+    tokens: int = 2048  # calibration tokens sampled per layer for NAEE and merge targets (memory bound)
     seed: int = 0  # the `random` method's choice
 
     def __post_init__(self) -> None:
@@ -94,6 +95,7 @@ class ExpertsTarget:
         extra = ", global allocation" if self.allocation == "global" else ""
         extra += f", top-{self.top_k}" if self.top_k else ""
         extra += ", merged" if self.merge != "none" else ""
+        extra += ", not rescaled" if not self.rescale else ""
         return kept + extra
 
 
@@ -245,10 +247,12 @@ def allocate(scores: torch.Tensor, target: ExpertsTarget, floor: list[int]) -> l
 
 # ------------------------------------------------------------------ applying a choice
 def apply_choice(ctx, keep: list[list[int]], merges: list[dict[int, tuple[int, float]]], top_k: int,
-                 stats: list[LayerRouting]) -> None:
+                 stats: list[LayerRouting], rescale: bool = True) -> None:
     """Keep `keep[l]` experts in layer l, each removed expert j with merges[l][j] = (into, c)
     merged into `into` (neurons aligned): into ← (m_i·into + c·m_j·j) / (m_i + c·m_j), m the
-    routing mass; then `top_k` active experts (0: the model's, at most the kept count)."""
+    routing mass; with `rescale`, for a router that does not renormalise its top-k weights, the
+    kept experts' outputs scaled by the probability mass they held (LayerRouting.kept_mass);
+    then `top_k` active experts (0: the model's, at most the kept count)."""
     for layer, kept, merged, s in zip(ctx.structure.expert_layers, keep, merges, stats):
         matrix = None
         if merged:
@@ -262,6 +266,9 @@ def apply_choice(ctx, keep: list[list[int]], merges: list[dict[int, tuple[int, f
             matrix = matrix / matrix.sum(1, keepdim=True)
         k_before = layer.top_k
         remove_experts(ctx.edits, layer, kept, merge=None if matrix is None else matrix.float())
+        if rescale and not renormalises(layer) and len(kept) < layer.n_experts:
+            down = layer.module.down_proj
+            ctx.edits.set_param(layer.module, "down_proj", down * s.kept_mass(kept))
         set_top_k(ctx.edits, layer, min(top_k or k_before, len(kept)))
 
 
@@ -297,7 +304,7 @@ def metric_choice(ctx, candidate, target: ExpertsTarget):
         if target.allocation == "global":
             raise ExpertsError("naee chooses each layer's subset for a given count: use experts or per_layer, "
                                "not allocation 'global'")
-        keep = [sorted(naee_keep(layer, s.inputs, n, target.top_k or None)[0])
+        keep = [sorted(naee_keep(layer, s.inputs, n, target.top_k or None, s.prob if target.rescale else None)[0])
                 for layer, s, n in zip(layers, stats, _counts(target, layers))]
     else:
         scores = importance(ctx, candidate, target)
@@ -318,7 +325,7 @@ def apply_experts(ctx, candidate, target: ExpertsTarget) -> PruneReport:
         keep, merges = plan_choice(ctx, candidate, target)
     else:
         keep, merges = metric_choice(ctx, candidate, target)
-    apply_choice(ctx, keep, merges, target.top_k, routing(ctx, target))
+    apply_choice(ctx, keep, merges, target.top_k, routing(ctx, target), target.rescale)
     plan = {"keep": keep, "merge": [{str(j): [i, round(c, 6)] for j, (i, c) in m.items()} for m in merges],
             "top_k": [layer.top_k for layer in ctx.structure.expert_layers]}
     report = PruneReport(target, getattr(candidate, "name", "metric"))

@@ -28,7 +28,14 @@ class LayerRouting:
     frequency: torch.Tensor  # (E,) fraction of tokens routed to each expert
     gate: torch.Tensor  # (E,) mean routing weight over all tokens (0 where not routed): gate mass
     reap: torch.Tensor  # (E,) mean over the tokens routed to e of weight × ‖expert output‖ (REAP)
+    prob: torch.Tensor  # (E,) mean softmax probability of each expert over all tokens (routed or not)
     inputs: torch.Tensor  # (n, H) a bounded sample of the layer's inputs (NAEE, merge targets), float32
+
+    def kept_mass(self, keep) -> float:
+        """The probability mass the kept experts held: in families whose router does not renormalise
+        its top-k weights (Qwen2-MoE, OLMoE), removing router rows divides every kept weight by it
+        on average, so the kept experts' outputs are scaled by it to stay as large as before."""
+        return float(self.prob[list(keep)].sum())
 
 
 # ------------------------------------------------------------------ experts one at a time
@@ -66,6 +73,7 @@ class _Accumulator:
         self.count = torch.zeros(n, dtype=torch.float64)
         self.mass = torch.zeros(n, dtype=torch.float64)
         self.reap = torch.zeros(n, dtype=torch.float64)
+        self.prob = torch.zeros(n, dtype=torch.float64)
         self.tokens = 0
         self.inputs: list[torch.Tensor] = []
         self.kept = 0
@@ -90,10 +98,16 @@ class _Accumulator:
             self.inputs.append(hidden[:room].detach().float().cpu())
             self.kept += min(room, hidden.shape[0])
 
+    @torch.no_grad()
+    def router(self, module, args, output) -> None:
+        logits = output[0].reshape(-1, self.layer.n_experts)
+        self.prob += logits.float().softmax(-1).sum(0).double().cpu()
+
     def result(self) -> LayerRouting:
         tokens = max(self.tokens, 1)
         return LayerRouting((self.count / tokens).float(), (self.mass / tokens).float(),
-                            (self.reap / self.count.clamp(min=1)).float(), torch.cat(self.inputs))
+                            (self.reap / self.count.clamp(min=1)).float(), (self.prob / tokens).float(),
+                            torch.cat(self.inputs))
 
 
 @torch.no_grad()
@@ -102,6 +116,7 @@ def collect_routing(model, layers: list[Experts], windows: torch.Tensor, max_tok
     """Routing statistics of every MoE layer on calibration `windows`, one forward pass."""
     accs = [_Accumulator(layer, max_tokens) for layer in layers]
     hooks = [layer.module.register_forward_hook(acc) for layer, acc in zip(layers, accs)]
+    hooks += [layer.router_module.register_forward_hook(acc.router) for layer, acc in zip(layers, accs)]
     try:
         device = next(model.parameters()).device
         for i in range(0, windows.shape[0], batch):
@@ -138,30 +153,41 @@ def moe_output(weights: torch.Tensor, index: torch.Tensor, outputs: torch.Tensor
 
 
 # ------------------------------------------------------------------ NAEE
+def renormalises(layer: Experts) -> bool:
+    """Whether the router renormalises its top-k weights to sum to 1 (Mixtral; Qwen2-MoE and OLMoE
+    with norm_topk_prob) — then removing experts leaves the weights' scale as it was."""
+    return bool(getattr(layer.router_module, "norm_topk_prob", True))
+
+
 @torch.no_grad()
 def naee_keep(layer: Experts, x: torch.Tensor, n_keep: int, top_k: int | None = None,
-              max_subsets: int = 5000, chunk: int = 64) -> tuple[list[int], float]:
+              prob: torch.Tensor | None = None, max_subsets: int = 5000) -> tuple[list[int], float]:
     """NAEE: the subset of `n_keep` experts whose routed output on the sampled inputs x is
-    closest (squared error) to the unpruned layer's. Memory-bounded: every expert's output is
-    computed once on the bounded sample; subsets are scored a chunk at a time. Larger layers
-    (more than `max_subsets` subsets) fall back to greedy removal, one expert at a time."""
-    outputs = all_expert_outputs(layer, x)
+    closest (squared error) to the unpruned layer's. Memory-bounded and fast: every expert's output
+    is computed once on the bounded sample, and each subset's error is read from per-token Gram
+    matrices (tokens x E x E), never from its outputs. `prob` (mean router probabilities): the kept
+    experts rescaled by their mass, as the mode does for routers that do not renormalise. Layers
+    with more than `max_subsets` subsets fall back to greedy removal, one expert at a time."""
+    outputs = all_expert_outputs(layer, x).double()
     reference = moe_output(*route(layer, x), outputs)
+    gram = torch.einsum("neh,nfh->nef", outputs, outputs)
+    cross = torch.einsum("neh,nh->ne", outputs, reference)
+    base = float(reference.square().sum())
     n = layer.n_experts
+    rescale = prob is not None and not renormalises(layer)
 
     def loss(subset) -> float:
-        w, i = route(layer, x, list(subset), top_k)
-        return float((moe_output(w, i, outputs[:, list(subset)]) - reference).square().sum())
+        subset = list(subset)
+        w, i = route(layer, x, subset, top_k)
+        if rescale:
+            w = w * float(prob[subset].sum())
+        dense = torch.zeros(len(x), n, dtype=torch.float64).scatter_add_(1, torch.tensor(subset)[i], w.double())
+        return float(torch.einsum("ne,nef,nf->", dense, gram, dense) - 2 * (dense * cross).sum()) + base
 
     if math.comb(n, n_keep) <= max_subsets:
-        best, best_loss = None, math.inf
-        subsets = itertools.combinations(range(n), n_keep)
-        while batch := list(itertools.islice(subsets, chunk)):
-            for s in batch:
-                value = loss(s)
-                if value < best_loss:
-                    best, best_loss = list(s), value
-        return best, best_loss
+        losses = {s: loss(s) for s in itertools.combinations(range(n), n_keep)}
+        best = min(losses, key=losses.get)
+        return list(best), losses[best]
     keep = list(range(n))
     while len(keep) > n_keep:
         keep = min((keep[:j] + keep[j + 1:] for j in range(len(keep))), key=loss)
