@@ -28,7 +28,9 @@ import torch
 
 from prunerzero.primitives.metric import resolve_metric
 
-from .candidates import KINDS, CandidateError, Method, _field
+from .candidates import Method
+from .experts_plan import METHODS as EXPERT_METHODS
+from .experts_plan import ExpertPlan
 from .experts_signals import (LayerRouting, alignment, collect_routing, merge_targets, naee_keep,
                               permute_neurons, renormalises)
 from .interventions import Edits
@@ -39,7 +41,7 @@ from .target import PruneReport
 SIGNALS = ("none", "frequency", "gate", "reap")
 MERGES = ("none", "aligned")
 ALLOCATIONS = ("uniform", "global")
-METHODS = {name: Method(name) for name in ("frequency", "gate", "reap", "naee", "random")}
+METHODS = {name: Method(name) for name in EXPERT_METHODS}
 MARKER = "prunerzero_experts.json"
 
 
@@ -54,6 +56,7 @@ class ExpertsTarget:
     allocation: str = "uniform"  # "global": experts x layers kept in total, ranked across layers
     top_k: int = 0  # experts active per token after pruning; 0: the model's (at most the kept count)
     merge: str = "none"  # "aligned": removed experts merged into kept ones (routing-mass weights)
+    merge_weight: float = 1.0  # a merged expert's routing mass counts this much beside the kept one's
     rescale: bool = True  # routers that do not renormalise top-k: kept experts scaled by the mass they held
     signal: str = "reap"  # routing statistic a metric's score is multiplied by: none, frequency, gate, reap
     reducer: str = "sum"  # metric weight scores -> expert scores (pruning/reduce.py)
@@ -75,6 +78,8 @@ class ExpertsTarget:
             raise ExpertsError(f"top_k {self.top_k} must be >= 1 (or 0: the model's)")
         if self.merge not in MERGES:
             raise ExpertsError(f"unknown merge {self.merge!r}: use one of {', '.join(MERGES)}")
+        if not 0 < self.merge_weight <= 1:
+            raise ExpertsError(f"merge_weight {self.merge_weight} must be in (0, 1]")
         if self.signal not in SIGNALS:
             raise ExpertsError(f"unknown routing signal {self.signal!r}: use one of {', '.join(SIGNALS)}")
         if self.tokens < 16:
@@ -94,67 +99,9 @@ class ExpertsTarget:
         kept = f"per-layer experts [{self.per_layer}]" if self.counts else f"{self.experts} experts per layer"
         extra = ", global allocation" if self.allocation == "global" else ""
         extra += f", top-{self.top_k}" if self.top_k else ""
-        extra += ", merged" if self.merge != "none" else ""
+        extra += (", merged" + (f" x{self.merge_weight:g}" if self.merge_weight != 1 else "")) if self.merge != "none" else ""
         extra += ", not rescaled" if not self.rescale else ""
         return kept + extra
-
-
-# ------------------------------------------------------------------ a plan as a candidate
-@dataclass(frozen=True)
-class ExpertPlan:
-    """Kept experts per layer as ranks under `order` (a method of this mode or a metric): rank 0
-    is the expert `order` scores highest. `merge[l][r]` in [0, levels]: the rank-r expert, if
-    removed, is merged into the kept expert its tokens go to next with coefficient
-    merge / levels × max_merge (0: not merged)."""
-
-    order: str
-    keep: tuple[tuple[int, ...], ...]
-    merge: tuple[tuple[int, ...], ...] = ()
-    levels: int = 4
-    max_merge: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.keep or any(not k or len(set(k)) != len(k) or min(k) < 0 for k in self.keep):
-            raise CandidateError(f"expert plan: every layer must keep distinct ranks >= 0, got {self.keep!r:.120}")
-        if self.merge and (len(self.merge) != len(self.keep)
-                           or any(g < 0 or g > self.levels for row in self.merge for g in row)):
-            raise CandidateError(f"expert plan: merge levels must be in [0, {self.levels}], one row per layer")
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return frozenset() if self.order in METHODS else resolve_metric(self.order).needs
-
-    @property
-    def order_key(self) -> str:
-        return f"method:{self.order}" if self.order in METHODS else resolve_metric(self.order).key
-
-    @property
-    def name(self) -> str:
-        return f"expert plan ({self.order})"
-
-    @property
-    def key(self) -> str:
-        keep = ";".join(",".join(map(str, k)) for k in self.keep)
-        merge = ";".join(",".join(map(str, m)) for m in self.merge)
-        return f"experts[{keep}|{merge}|{self.levels},{self.max_merge:g}]:{self.order_key}"
-
-    @property
-    def formula(self) -> str:
-        merged = sum(g > 0 for row in self.merge for g in row)
-        return f"<experts kept by {self.order} rank: {[len(k) for k in self.keep]}, {merged} merges>"
-
-    def to_data(self) -> dict:
-        return {"kind": "expert_plan", "order": self.order, "keep": [list(k) for k in self.keep],
-                "merge": [list(m) for m in self.merge], "levels": self.levels, "max_merge": self.max_merge}
-
-
-def _expert_plan(data: dict) -> ExpertPlan:
-    rows = lambda name: tuple(tuple(int(g) for g in row) for row in _field(data, name, list))  # noqa: E731
-    return ExpertPlan(_field(data, "order", str), rows("keep"), rows("merge") if data.get("merge") else (),
-                      int(data.get("levels", 4)), float(data.get("max_merge", 1.0)))
-
-
-KINDS["expert_plan"] = _expert_plan  # the candidate kind travels as plain data (Ray, run directories)
 
 
 # ------------------------------------------------------------------ checks
@@ -217,12 +164,18 @@ def importance(ctx, candidate, target: ExpertsTarget) -> torch.Tensor:
 
 
 def ranking(ctx, order: str, target: ExpertsTarget) -> list[list[int]]:
-    """Experts of every layer from most to least important under a method or metric (stable)."""
+    """Experts of every layer from most to least important under a method or metric (stable).
+    NAEE ranks its chosen subset (for the target's counts) first, each part by REAP."""
     def compute():
+        if order == "naee":
+            keep, _ = metric_choice(ctx, METHODS["naee"], target)
+            reap = importance(ctx, METHODS["reap"], target)
+            by_reap = [torch.argsort(-row, stable=True).tolist() for row in reap]
+            return [[e for e in r if e in k] + [e for e in r if e not in k] for r, k in zip(by_reap, keep)]
         thing = METHODS.get(order) or resolve_metric(order)
         return [torch.argsort(-row, stable=True).tolist() for row in importance(ctx, thing, target)]
     return ctx.remember(("expert ranking", order, target.signal, target.reducer, target.normalize, target.seed,
-                         target.tokens), compute)
+                         target.tokens, target.rescale, target.counts or target.experts), compute)
 
 
 def allocate(scores: torch.Tensor, target: ExpertsTarget, floor: list[int]) -> list[int]:
@@ -313,7 +266,7 @@ def metric_choice(ctx, candidate, target: ExpertsTarget):
     merges = [{} for _ in layers]
     if target.merge == "aligned":
         for b, (layer, s, kept) in enumerate(zip(layers, stats, keep)):
-            merges[b] = {j: (i, 1.0) for j, i in merge_targets(layer, s.inputs, kept).items()}
+            merges[b] = {j: (i, target.merge_weight) for j, i in merge_targets(layer, s.inputs, kept).items()}
     return keep, merges
 
 

@@ -162,6 +162,10 @@ def test_an_expert_plan_travels_as_data_and_rank_zero_up_is_the_metric_choice():
     by_plan = MODE.apply(ctx, plan, target)
     assert by_plan.fingerprint == by_metric.fingerprint
     ctx.edits.restore()
+    naee = MODE.apply(ctx, MODE.candidate("naee"), target)
+    ctx.edits.restore()
+    assert MODE.apply(ctx, ex.ExpertPlan("naee", ((0, 1), (0, 1))), target).fingerprint == naee.fingerprint
+    ctx.edits.restore()
     merged = MODE.apply(ctx, ex.ExpertPlan("reap", ((0, 1), (0, 1)), ((0, 0, 4, 2), (0, 0, 0, 1))), target)
     assert merged.extra["merged"] == 3 and merged.fingerprint != by_plan.fingerprint
     ctx.edits.restore()

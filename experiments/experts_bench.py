@@ -1,0 +1,394 @@
+"""The experts mode on the real-weight derived MoE (smollm2-135m-moe): the MoE against the dense
+model, one-shot expert pruning at 4 of 8 experts per layer, merging, the EEP search, fewer active
+experts (speed and peak memory measured here), and a discovered metric if a campaign ran.
+
+    python experiments/experts_bench.py                  # everything (~1 h on 2 CPU cores)
+    python experiments/experts_bench.py --sections ab    # a subset: a MoE, b one-shot, c EEP, d speed, e campaign
+
+Sections (all perplexities on austen's test split unless said):
+ a. dense smollm2-135m against the MoE at top-k 1, 2 (shipped), 3, 4 and 8;
+ b. 4 of 8 experts kept per layer, one shot: random, frequency, gate mass, REAP, NAEE, metrics
+    (reduced over each expert, times REAP or alone), each without and with aligned merging;
+ c. EEP: stage 1 (which experts each layer keeps) from the best one-shot choice, stage 2 (merge
+    coefficients) on its result, both through the campaign machinery (run directory, checkpoints,
+    fitness cache) with the valid split as fitness; test perplexity of both stages' best;
+ d. top-k − 1 (2 → 1 active experts), unpruned and at 4 of 8: prefill and decode tokens/s timed
+    interleaved against the top-2 MoE (fitness/speed.py), and the peak resident memory of a fresh
+    process that loads each saved model and runs one prefill;
+ e. the metric a `mode = "experts"` campaign discovered (`--campaign RUN_DIR`), beside frequency and
+    REAP at the same budget.
+Writes results/EXPERTS.md and results/experts_bench.json; leaderboard rows to results/leaderboard.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import machine  # noqa: E402
+
+from prunerzero import __version__, leaderboard  # noqa: E402
+from prunerzero.core.paths import cache_dir  # noqa: E402
+from prunerzero.core.protocol import Protocol  # noqa: E402
+from prunerzero.evolve.campaign import run_campaign  # noqa: E402
+from prunerzero.evolve.config import from_dict  # noqa: E402
+from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
+from prunerzero.fitness.perplexity import perplexity  # noqa: E402
+from prunerzero.fitness.spec import EvalSpec  # noqa: E402
+from prunerzero.fitness.speed import compare, ratio  # noqa: E402
+from prunerzero.models.loading import load_model  # noqa: E402
+
+MOE = "smollm2-135m-moe"
+KEEP = 4
+# (label, candidate, target fields beyond experts = KEEP)
+ONE_SHOT = [
+    ("random", "random", {}),
+    ("frequency", "frequency", {}),
+    ("gate mass", "gate", {}),
+    ("REAP (gate x output norm)", "reap", {}),
+    ("NAEE (subset enumeration)", "naee", {}),
+    ("wanda x REAP", "wanda", {"signal": "reap"}),
+    ("wanda x frequency", "wanda", {"signal": "frequency"}),
+    ("magnitude x REAP", "magnitude", {"signal": "reap"}),
+    ("wanda alone", "wanda", {"signal": "none"}),
+]
+MERGED = [  # aligned merging on the two best-informed choices, full and quarter weight
+    ("REAP + merge", "reap", {"merge": "aligned"}),
+    ("REAP + merge x0.25", "reap", {"merge": "aligned", "merge_weight": 0.25}),
+    ("NAEE + merge", "naee", {"merge": "aligned"}),
+]
+
+
+def row(label, candidate, fields, ppl, params, **extra) -> dict:
+    out = {"method": label, "candidate": candidate, "target": fields, "perplexity": ppl, "params": params, **extra}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def params_of(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_measure(ev: Evaluator, candidate, fields: dict, keep_model: bool = False):
+    """(test perplexity, parameters, report[, a copy of the pruned model]); the MoE restored."""
+    target = ev.mode.make_target({"experts": KEEP, **fields})
+    try:
+        report = ev.prune(ev.candidate(candidate) if isinstance(candidate, str) else candidate, target)
+        ppl, n = ev.measure().perplexity, params_of(ev.model)
+        pruned = copy.deepcopy(ev.model) if keep_model else None
+        saved = None
+        if keep_model:
+            saved = Path(tempfile.mkdtemp(prefix="experts_bench_"))
+            ev.mode.save(ev.ctx, report, saved)
+            ev.lm.tokenizer.save_pretrained(saved)
+    finally:
+        ev.restore()
+    return ppl, n, report, pruned, saved
+
+
+# ------------------------------------------------------------------ a: the MoE
+def section_a(ev: Evaluator, dense_ppl: float) -> list[dict]:
+    rows = [row("dense smollm2-135m", "", {}, dense_ppl, None)]
+    for k in (1, 2, 3, 4, 8):
+        ppl, n, *_ = prune_measure(ev, "reap", {"experts": 8, "top_k": k})
+        rows.append(row(f"MoE, top-{k}" + (" (shipped)" if k == 2 else ""), "", {"top_k": k}, ppl, n))
+    return rows
+
+
+# ------------------------------------------------------------------ b: one shot
+def section_b(ev: Evaluator) -> list[dict]:
+    rows = []
+    for label, cand, fields in ONE_SHOT + MERGED:
+        t0 = time.perf_counter()
+        ppl, n, report, *_ = prune_measure(ev, cand, {"merge": "none", **fields})
+        rows.append(row(label, cand, {"merge": "none", **fields}, ppl, n, seconds=round(time.perf_counter() - t0, 1),
+                        keep=report.extra["plan"]["keep"]))
+    return rows
+
+
+# ------------------------------------------------------------------ c: EEP
+def eep_config(name: str, protocol: Protocol, problem: dict, fields: dict, args) -> dict:
+    return {"name": name, "runs_dir": args.runs_dir, "cache": str(cache_dir("fitness") / "experts_bench.sqlite"),
+            "eval": {"model": MOE, "mode": "experts", "device": "cpu"}, "target": {"experts": KEEP, **fields},
+            "protocol": {"seq_len": protocol.seq_len, "calib_windows": protocol.calib_windows,
+                         "eval_windows": args.eep_windows},
+            "search": {"problem": "experts", "population": args.population, "generations": args.generations,
+                       "hall_of_fame": 3, "elites": 2, "cx_prob": 0.5, "mut_prob": 0.5, "seed": 0},
+            "problem": problem, "backend": {"kind": "serial"}}
+
+
+def best_of(run_dir: Path) -> dict:
+    with open(run_dir / "hall_of_fame.csv", newline="") as f:
+        return next(csv.DictReader(f))
+
+
+def section_c(ev: Evaluator, protocol: Protocol, order: str, fields: dict, args) -> list[dict]:
+    from prunerzero.pruning.candidates import decode
+
+    from prunerzero.evolve.problems import make_problem
+
+    rows = []
+    stage1 = from_dict(eep_config("experts-eep-prune", protocol, {"order": order, "stage": "prune", "moves": 3}, fields,
+                                args))
+    t0 = time.perf_counter()
+    run1 = run_campaign(stage1)
+    best1 = best_of(run1)
+    problem1 = make_problem(stage1)
+    plan1 = decode(problem1.candidate(problem1.decode([int(g) for g in best1["genes"].split()])))
+    ppl, n, *_ = prune_measure(ev, plan1, fields)
+    rows.append(row(f"EEP stage 1 (prune, from {order})", order, fields, ppl, n, valid=float(best1["fitness"]),
+                    seconds=round(time.perf_counter() - t0, 1), run_dir=str(run1), keep=best1["formula"]))
+    stage2 = from_dict(eep_config("experts-eep-merge", protocol, {"order": order, "stage": "merge",
+                                                                   "keep": best1["formula"], "moves": 3}, fields, args))
+    t0 = time.perf_counter()
+    run2 = run_campaign(stage2)
+    best2 = best_of(run2)
+    problem2 = make_problem(stage2)
+    plan2 = decode(problem2.candidate(problem2.decode([int(g) for g in best2["genes"].split()])))
+    ppl, n, *_ = prune_measure(ev, plan2, fields)
+    rows.append(row("EEP stage 2 (+ merge)", order, fields, ppl, n, valid=float(best2["fitness"]),
+                    seconds=round(time.perf_counter() - t0, 1), run_dir=str(run2), merge=best2["formula"]))
+    return rows
+
+
+# ------------------------------------------------------------------ d: speed and memory
+PEAK = """
+import sys, torch
+from pathlib import Path
+from prunerzero.models.loading import load_model
+model = load_model(sys.argv[1], device="cpu").model
+Path("/proc/self/clear_refs").write_text("5")
+with torch.no_grad():
+    model(torch.randint(0, 1000, (1, int(sys.argv[2]))), use_cache=False, logits_to_keep=1)
+print(int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))) / 1024)
+"""
+
+
+def peak_mb(path: Path | str, seq_len: int) -> float:
+    """Peak resident memory (MiB) of a fresh process that loads the model and runs one prefill."""
+    proc = subprocess.run([sys.executable, "-c", PEAK, str(path), str(seq_len)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        raise RuntimeError(f"peak memory of {path} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def section_d(ev: Evaluator, args) -> list[dict]:
+    ids = ev.windows[:1, :args.speed_len]
+    variants = {}
+    for label, fields in (("MoE top-2", {"experts": 8}), ("MoE top-1", {"experts": 8, "top_k": 1}),
+                          (f"{KEEP}/8 REAP, top-2", {}), (f"{KEEP}/8 REAP, top-1", {"top_k": 1})):
+        ppl, n, _, model, saved = prune_measure(ev, "reap", fields, keep_model=True)
+        variants[label] = (fields, ppl, n, model, saved)
+    load = os.getloadavg()[0]
+    speed = compare({k: v[3] for k, v in variants.items()}, ids, repeats=args.repeats, warmup=1, decode_tokens=16,
+                    logits_to_keep=1)
+    base = speed["MoE top-2"]
+    rows = []
+    for label, (fields, ppl, n, _, saved) in variants.items():
+        s = speed[label]
+        rows.append(row(label, "reap", fields, ppl, n, prefill_tokens_per_s=s.prefill_tokens_per_s,
+                        decode_tokens_per_s=s.decode_tokens_per_s, prefill_speedup=ratio(s, base),
+                        decode_speedup=ratio(s, base, "decode"), peak_mb=peak_mb(saved, args.speed_len),
+                        load_before=load, load_after=os.getloadavg()[0]))
+    rows.append(row("dense smollm2-135m (memory)", "", {}, float("nan"), None, peak_mb=peak_mb("smollm2-135m",
+                                                                                                args.speed_len)))
+    return rows
+
+
+# ------------------------------------------------------------------ e: a discovered metric
+def section_e(ev: Evaluator, run_dir: Path) -> list[dict]:
+    best = best_of(run_dir)
+    rows = []
+    for label, cand in (("discovered metric x REAP", best["formula"]), ("frequency", "frequency"), ("REAP", "reap")):
+        ppl, n, *_ = prune_measure(ev, cand, {})
+        rows.append(row(label, cand, {}, ppl, n, valid=float(best["fitness"]) if cand == best["formula"] else None))
+    return rows
+
+
+def leaderboard_rows(doc: dict, protocol: Protocol, device: str) -> list[dict]:
+    """One leaderboard row per measured (method, experts kept, active experts)."""
+    out = []
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    moe = next(r for r in doc["a"] if r["method"].startswith("MoE, top-2"))
+    speed = {r["method"]: r for r in doc.get("d", [])}
+    for r in doc.get("b", []) + doc.get("c", []) + doc.get("d", []) + doc.get("e", []):
+        if r["params"] is None:
+            continue
+        fields = {"experts": KEEP, **r["target"]}
+        budget = f"{fields['experts']} of 8 experts per layer, top-{fields.get('top_k') or 2}" + (
+            ", merged" if fields.get("merge") == "aligned" or "merge" in r["method"] else "")
+        s = speed.get(r["method"], {})
+        out.append({"metric": r["method"], "formula": str(r["candidate"]), "key": f"experts:{r['method']}", "model": MOE,
+                    "corpus": "austen", "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
+                    "stats_mode": protocol.stats_mode, "split": "test", "mode": "experts", "budget": budget,
+                    "perplexity": r["perplexity"], "dense_perplexity": moe["perplexity"], "params": r["params"],
+                    "dense_params": moe["params"], "tokens_per_s": s.get("prefill_tokens_per_s"),
+                    "decode_tokens_per_s": s.get("decode_tokens_per_s"), "peak_mem_mb": s.get("peak_mb"),
+                    "seed": protocol.seed, "version": __version__, "device": device, "timestamp": stamp})
+    return out
+
+
+# ------------------------------------------------------------------ the report
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for _, key, fmt in cols:
+            v = r.get(key)
+            cells.append("" if v is None or v != v else format(v, fmt) if fmt else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(doc: dict) -> str:
+    """results/EXPERTS.md from the benchmark's JSON: targets first, then each section's table."""
+    a, b, c, d, e = (doc.get(k, []) for k in "abcde")
+    lines = ["# The experts mode on the derived MoE", "",
+             f"Written by `{doc['command']}` ({doc.get('seconds', 0) / 60:.0f} min). Machine: {doc['machine']}; load "
+             f"average {doc.get('load_at_start', float('nan')):.1f} at the start (the machine was shared: another "
+             "session's jobs ran beside this one). Protocol: " + doc["protocol"] + "; perplexity on austen's test "
+             "split unless a column says valid.", "", *targets(a, b, c, d, e), ""]
+    if a:
+        lines += ["## a. The MoE against the dense model", "",
+                  "smollm2-135m-moe (models/moefy.py): each MLP's 512 most active neurons a shared expert, the other "
+                  "1024 in 8 routed experts of 128 (co-activation clusters), routers fitted with the base frozen for "
+                  "top-2. The top-k is a free knob (routing weights absorbed: the scale does not depend on it); with "
+                  "all 8 active and zero routers the MoE is the dense model (tested to float tolerance).", "",
+                  *_table(a, [("model", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                              ("parameters", "params", ",")]), ""]
+    if b:
+        lines += [f"## b. {KEEP} of 8 experts kept per layer, one shot", "",
+                  "Each method's choice with the router rows of the removed experts removed (the softmax "
+                  "renormalises over the kept ones), without and with aligned merging (each removed expert merged "
+                  "into the kept expert its tokens go to next, neurons matched first, weights by routing mass).", "",
+                  *_table(b, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                              ("parameters", "params", ","), ("seconds", "seconds", ".1f")]), ""]
+    if c:
+        lines += ["## c. EEP search", "",
+                  "Both stages ran through the campaign machinery (run directory, JSON checkpoints, fitness cache; "
+                  "`prunerzero evolve experiments/smollm2-experts-eep.toml` is the stage-1 configuration); fitness "
+                  "is the valid split's perplexity, the table's perplexity the test split's.", "",
+                  *_table(c, [("stage", "method", ""), ("valid (fitness)", "valid", ".2f"),
+                              ("test perplexity", "perplexity", ".2f"), ("seconds", "seconds", ".0f")]), "",
+                  *[f"- {r['method']}: run directory `{r['run_dir']}`" for r in c], ""]
+    if d:
+        lines += ["## d. Fewer active experts: speed and memory", "",
+                  "Prefill of 1 x 256 test tokens (last position's logits only, as generation's prefill) and 16 "
+                  "greedy decode steps with the KV cache, the four models timed interleaved after a warm-up (medians; "
+                  "speedups are the median of each repeat's own ratio to the top-2 MoE). Peak memory: the peak "
+                  "resident set of a fresh process that loads the saved model and runs one prefill.", "",
+                  *_table(d, [("model", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                              ("parameters", "params", ","), ("prefill tok/s", "prefill_tokens_per_s", ".0f"),
+                              ("prefill speedup", "prefill_speedup", ".3f"),
+                              ("decode tok/s", "decode_tokens_per_s", ".1f"), ("decode speedup", "decode_speedup", ".3f"),
+                              ("peak MiB", "peak_mb", ".0f"), ("load avg", "load_before", ".1f")]), ""]
+    if e:
+        lines += ["## e. A discovered expert-importance metric", "",
+                  *_table(e, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                              ("formula", "candidate", "")]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def targets(a, b, c, d, e) -> list[str]:
+    """The issue's targets, each stated met or not with the number reached."""
+    out = ["## Targets", ""]
+    moe = next((r["perplexity"] for r in a if r["method"].startswith("MoE, top-2")), None)
+    one_shot = [r for r in b if r["target"].get("merge") == "none" and r["candidate"] != "random"]
+    best = min(one_shot, key=lambda r: r["perplexity"]) if one_shot else None
+    if c and best:
+        eep = min(r["perplexity"] for r in c)
+        gain = 1 - eep / best["perplexity"]
+        out.append(f"- EEP beats the best one-shot baseline by >= 10% at {KEEP}/8: **{'met' if gain >= 0.1 else 'not met'}**"
+                   f" — EEP {eep:.2f} against {best['method']} {best['perplexity']:.2f} ({100 * gain:.1f}% lower).")
+        s1, s2 = c[0]["perplexity"], c[-1]["perplexity"]
+        if moe is not None:
+            rec = (s1 - s2) / (s1 - moe) if s1 > moe else float("nan")
+            out.append(f"- EEP merging recovers >= 30% of the gap to the unpruned MoE: **{'met' if rec >= 0.3 else 'not met'}**"
+                       f" — stage 1 {s1:.2f}, stage 2 {s2:.2f}, MoE {moe:.2f}: {100 * rec:.1f}% recovered.")
+    if best and moe is not None:
+        merged = next((r for r in b if r["candidate"] == best["candidate"] and r["target"] == {**best["target"],
+                                                                                               "merge": "aligned"}), None)
+        if merged:
+            rec = (best["perplexity"] - merged["perplexity"]) / (best["perplexity"] - moe)
+            out.append(f"- One-shot aligned merging on {best['method']}: {best['perplexity']:.2f} -> "
+                       f"{merged['perplexity']:.2f} ({100 * rec:.1f}% of the gap recovered).")
+    top1 = next((r for r in d if r["method"] == "MoE top-1"), None)
+    if top1:
+        out.append(f"- Top-k - 1 gives >= 1.3x measured tokens/s: **{'met' if top1['prefill_speedup'] >= 1.3 else 'not met'}**"
+                   f" — prefill {top1['prefill_speedup']:.3f}x, decode {top1['decode_speedup']:.3f}x; perplexity "
+                   f"{moe:.2f} -> {top1['perplexity']:.2f}.")
+    if e:
+        disc = e[0]["perplexity"]
+        others = min(r["perplexity"] for r in e[1:])
+        out.append(f"- The campaign's metric beats frequency and REAP: **{'met' if disc < others else 'not met'}** — "
+                   f"{disc:.2f} against {others:.2f}.")
+    else:
+        out.append("- The expert-mode campaign's metric against frequency and REAP: not measured in this run.")
+    return out
+
+
+def eep_order(doc: dict) -> tuple[str, dict]:
+    """EEP starts from the best one-shot choice (section b): its method or metric and fields."""
+    one_shot = [r for r in doc["b"] if r["target"].get("merge") == "none" and r["candidate"] != "random"]
+    best = min(one_shot, key=lambda r: r["perplexity"])
+    return best["candidate"], {k: v for k, v in best["target"].items() if k != "merge"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="abcd")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--eep-windows", type=int, default=6, help="valid windows of the EEP fitness")
+    ap.add_argument("--population", type=int, default=10)
+    ap.add_argument("--generations", type=int, default=5)
+    ap.add_argument("--speed-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--campaign", default="", help="run directory of a mode = 'experts' campaign (section e)")
+    ap.add_argument("--runs-dir", default=str(cache_dir("runs")))
+    ap.add_argument("--json", default="results/experts_bench.json")
+    ap.add_argument("--report", default="results/EXPERTS.md")
+    ap.add_argument("--leaderboard", default=str(leaderboard.DEFAULT_PATH))
+    args = ap.parse_args(argv)
+    protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
+    t_start = time.perf_counter()
+    out = Path(args.json)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    doc.update({"machine": machine(), "protocol": protocol.describe(), "load_at_start": os.getloadavg()[0],
+                "command": "python experiments/experts_bench.py " + " ".join(argv or sys.argv[1:])})
+    dense_ppl = None
+    if "a" in args.sections:
+        dense = Evaluator(EvalSpec(model="smollm2-135m", split="test", protocol=protocol))
+        dense_ppl = dense.measure().perplexity
+        del dense
+    ev = Evaluator(EvalSpec(model=MOE, split="test", protocol=protocol, mode="experts", target={"experts": KEEP}),
+                   log=print)
+    sections = {"a": lambda: section_a(ev, dense_ppl), "b": lambda: section_b(ev),
+                "c": lambda: section_c(ev, protocol, *eep_order(doc), args), "d": lambda: section_d(ev, args),
+                "e": lambda: section_e(ev, Path(args.campaign))}
+    for name in args.sections:
+        doc[name] = sections[name]()
+        out.write_text(json.dumps(doc, indent=1))  # each section kept as soon as it is measured
+    doc["seconds"] = doc.get("seconds", 0) + round(time.perf_counter() - t_start)
+    out.write_text(json.dumps(doc, indent=1))
+    device = f"cpu x{torch.get_num_threads()} (float32)"
+    leaderboard.append(leaderboard_rows(doc, protocol, device), args.leaderboard)
+    Path(args.report).write_text(render(doc))
+    print(f"wrote {out}, {args.report} and rows of {args.leaderboard}")
+
+
+if __name__ == "__main__":
+    main()
