@@ -5,6 +5,7 @@ skipping done by gather/scatter against SkipGPT's multiply-by-zero and the dense
     python experiments/skip_bench.py                              # trains (or loads) routers at 0.25
     python experiments/skip_bench.py --ratios 0.25 --repeats 3    # quicker
     python experiments/skip_bench.py --budget flops --out results/SKIP-flops.md   # the ratio counts FLOPs
+    python experiments/skip_bench.py --speed-only     # time again (a quiet machine), same routers; re-render
 
 Routers are trained once at `--train-ratio` (cached; 300 steps of 2 x 256 train tokens by
 default) and the curve sets their keep threshold on calibration tokens for every ratio; the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,7 +82,8 @@ def speed(ev: Evaluator, routers: str, fields: dict, ids, repeats: int) -> dict:
         shares[execution] = skip_counts(ev.model)
         models[execution] = copy.deepcopy(ev.model)
         ev.restore()
-    out = {"flops": counted, "skip_on_timed_ids": shares["gather"], "batch": ids.shape[0], "seq_len": ids.shape[1]}
+    out = {"flops": counted, "skip_on_timed_ids": shares["gather"], "batch": ids.shape[0], "seq_len": ids.shape[1],
+           "load_before": os.getloadavg()[0]}
     for label, keep in (("full_logits", 0), ("last_logits", 1)):
         got = compare(models, ids, repeats=repeats, decode_tokens=8 if keep else 0, logits_to_keep=keep)
         out[label] = {name: {"prefill_ms": s.prefill_ms, "prefill_tokens_per_s": s.prefill_tokens_per_s,
@@ -89,6 +92,7 @@ def speed(ev: Evaluator, routers: str, fields: dict, ids, repeats: int) -> dict:
         if keep:
             for name, s in got.items():
                 out[label][name]["decode_speedup"] = ratio(s, got["dense"], "decode")
+    out["load_after"] = os.getloadavg()[0]  # the 1-minute load: above ~2 on 2 cores, other work shared the CPU
     return out
 
 
@@ -106,11 +110,20 @@ def main(argv=None) -> None:
     ap.add_argument("--speed-batch", type=int, default=1)
     ap.add_argument("--speed-seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="results/SKIP.md")
+    ap.add_argument("--out", default="results/SKIP.md", help="the report; its .json and -curve.png beside it")
+    ap.add_argument("--speed-only", action="store_true", help="only time again with the report's routers; re-render")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
     ev = Evaluator(EvalSpec(split="test", protocol=protocol, mode="skip"), log=print)
+    out = Path(args.out)
+    if args.speed_only:
+        doc = json.loads(out.with_suffix(".json").read_text())
+        ids = ev.windows[:args.speed_batch, :args.speed_seq_len]
+        doc["speed"] = speed(ev, doc["routers"], {"budget": doc["budget"], "ratio": doc["train_ratio"]}, ids, args.repeats)
+        doc["speed_command"] = "python experiments/skip_bench.py " + " ".join(argv or sys.argv[1:])
+        doc["speed_machine"] = machine()
+        return write(doc, out)
     dense = ev.measure().perplexity
     print(f"dense test perplexity {dense:.3f}", flush=True)
     budget = {"budget": args.budget}
@@ -134,10 +147,13 @@ def main(argv=None) -> None:
            "router_train_seconds": train_s, "train_ratio": args.train_ratio, "budget": args.budget,
            "router_best": trained.extra.get("router_best", {}), "rows": rows,
            "multiply": {"method": "routers, multiply"} | multiply, "speed": timing}
-    out = Path(args.out)
-    out.with_name("skip_bench.json").write_text(json.dumps(doc, indent=1))
-    plot(doc, out.with_name("skip_curve.png"))
-    out.write_text(render(doc))
+    write(doc, out)
+
+
+def write(doc: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    plot(doc, out.with_name(out.stem + "-curve.png"))
+    out.write_text(render(doc, out.stem + "-curve.png"))
     print(f"wrote {out}")
 
 
@@ -165,7 +181,7 @@ def plot(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def render(doc: dict) -> str:
+def render(doc: dict, curve: str) -> str:
     rows, sp = doc["rows"], doc["speed"]
     lines = [
         "# Token-aware skipping (SkipGPT) on smollm2-135m", "",
@@ -182,7 +198,7 @@ def render(doc: dict) -> str:
     for r in rows:
         lines.append(f"| {r['ratio']:g} | {r['method']} | {r['perplexity']:.2f} | {r['skip_ratio']:.3f} | "
                      f"{r['flops_skip_ratio']:.3f} | {r['attention_skip_ratio']:.3f} | {r['mlp_skip_ratio']:.3f} |")
-    lines += ["", "![perplexity against skip ratio](skip_curve.png)", "",
+    lines += ["", f"![perplexity against skip ratio]({curve})", "",
               "## Routers against the best static baseline", "",
               "| ratio | routers ppl | best static | ppl | routers vs static |", "|---:|---:|---|---:|---:|"]
     for r0 in sorted({r["ratio"] for r in rows}):
@@ -196,8 +212,11 @@ def render(doc: dict) -> str:
     lines += ["", f"## Gather/scatter against multiply-by-zero (ratio {doc['train_ratio']:g}, the same routers)", "",
               f"Test perplexity: gather **{g['perplexity']:.4f}**, multiply **{m['perplexity']:.4f}** "
               f"(skipped on test tokens: {g['skip_ratio']:.4f} and {m['skip_ratio']:.4f}).", "",
+              (f"Timed again with `{doc['speed_command']}`. " if "speed_command" in doc else "") +
               f"Timed on {sp['batch']} x {sp['seq_len']} test tokens (skipped there: "
-              f"{sp['skip_on_timed_ids']['skip_ratio']:.3f}); speedup = dense time / its time, median of per-repeat ratios.", "",
+              f"{sp['skip_on_timed_ids']['skip_ratio']:.3f}); speedup = dense time / its time, median of per-repeat ratios, "
+              f"the three models interleaved; 1-minute load average {sp.get('load_before', 0):.1f} before, "
+              f"{sp.get('load_after', 0):.1f} after.", "",
               "| model | GFLOPs (prefill) | prefill ms, full logits | speedup | prefill ms, last logits | speedup | "
               "prefill tok/s | decode tok/s | decode speedup |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("dense", "gather", "multiply"):

@@ -36,7 +36,7 @@ from prunerzero.core.integrity import CorruptCache, set_aside, sha256
 from prunerzero.core.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
 from .interventions import applied
-from .skipping import Router, calibrate_threshold, install
+from .skipping import Router, budget_share, calibrate_threshold, install
 
 FORMAT = 1
 ALGORITHM = 2  # of training: part of the cache key, so routers trained another way are not taken for these
@@ -232,14 +232,16 @@ def train(ctx, cfg: TrainConfig, windows: torch.Tensor, holdout: torch.Tensor, f
                 best = _consider(best, ctx, wrapped, routers, holdout, cfg, done, log)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 _checkpoint(folder, cfg, routers, opt, gen, done, history, best)
-    for r, state in zip(routers, _unflatten(best.tensors, len(routers))):
-        r.load_state_dict(state)
+    if best.tensors:  # else no routers seen met the budget on held-out tokens: the last ones
+        for r, state in zip(routers, _unflatten(best.tensors, len(routers))):
+            r.load_state_dict(state)
     seconds = time.perf_counter() - t0
     names = [(s.block, s.kind) for s in subs]
     meta = {"format": FORMAT, "names": names, "config": dataclasses.asdict(cfg), "train_seconds": round(seconds, 1),
             "resumed_at": start, "history": history, "costs": costs,
-            "best": {"step": best.step, "holdout_loss": round(best.loss, 6)}}
-    log(f"routers: kept the routers of step {best.step} (held-out loss {best.loss:.4f})")
+            "best": {"step": best.step, "holdout_loss": round(best.loss, 6)} if best.tensors else {"step": cfg.steps}}
+    log(f"routers: kept the routers of step {meta['best']['step']}" +
+        (f" (held-out loss {best.loss:.4f})" if best.tensors else " (none seen met the budget on held-out tokens)"))
     result = RouterSet(names, [r.cpu() for r in routers], meta)
     if cfg.lora_steps:
         from .lora import train_lora
@@ -282,10 +284,14 @@ def _consider(best: Best, ctx, wrapped, routers, holdout: torch.Tensor, cfg: Tra
         w.execution = "multiply"
     try:
         calibrate_threshold(ctx.model, wrapped, ids, cfg.ratio, rounds=2)
+        share = budget_share(wrapped)
         loss = float(ctx.model(ids, labels=ids, use_cache=False).loss)
     finally:
         for w in wrapped:
             w.execution, w.threshold = "train", 0.0
+    if abs(share - cfg.ratio) > max(0.02, 0.1 * cfg.ratio):  # tied logits: no threshold skips the budget
+        log(f"routers: at step {step} no threshold skips {cfg.ratio:g} of the budget (nearest {share:.3f}): not kept")
+        return best
     better = loss < best.loss
     log(f"routers: held-out loss {loss:.4f} at step {step}" + (" (best so far)" if better else ""))
     return Best(loss, step, _flatten(routers)) if better else best

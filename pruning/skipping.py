@@ -280,6 +280,13 @@ def skip_counts(model: nn.Module, reset: bool = False) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ one keep threshold for a budget
+def budget_share(wrapped: list[SkipSublayer]) -> float:
+    """The share of the budget (each sublayer's token weighed by its cost) skipped since the counts
+    were last reset."""
+    seen = sum(w.cost * w.state.seen for w in wrapped)
+    return sum(w.cost * (w.state.seen - w.state.kept) for w in wrapped) / seen if seen else 0.0
+
+
 def weighted_quantile(values: list[torch.Tensor], weights: list[float], q: float) -> float:
     """The threshold t whose skipped pairs (value <= t) carry the share of the total weight
     nearest to `q` (each tensor's entries weigh its weight). Cuts fall only between distinct

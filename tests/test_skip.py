@@ -127,17 +127,29 @@ def test_router_training_resumes_to_the_same_routers(cache):
     assert len({h[0] for h in whole.meta["history"]}) > 1  # it trained (the best may still be the start)
 
 
+def held_out_losses(messages) -> dict[int, float]:
+    return {int(m.split("at step ")[1].split()[0]): float(m.split("loss ")[1].split()[0])
+            for m in messages if "held-out loss" in m and "at step" in m}
+
+
 def test_training_keeps_the_best_routers_seen_on_held_out_tokens_the_start_included(cache):
     messages = []
-    cfg = TrainConfig(0.3, steps=12, batch=2, seq_len=16, eval_every=4, lr=0.5)
+    start = tuple(-2.0 if i in (1, 6) else 1.0 for i in range(8))  # a static plan: 2 of 8 sublayers skipped
+    cfg = TrainConfig(0.25, steps=12, batch=2, seq_len=16, eval_every=4, lr=0.5, init=start)
     found = load_or_train(context(), cfg, "model-a", log=messages.append)
-    seen = {int(m.split("at step ")[1].split()[0]): float(m.split("loss ")[1].split()[0])
-            for m in messages if "held-out loss" in m and "at step" in m}
+    seen = held_out_losses(messages)
     assert sorted(seen) == [0, 4, 8, 12]
     best = min(seen, key=seen.get)
     assert found.meta["best"]["step"] == best
-    assert found.meta["best"]["holdout_loss"] == pytest.approx(seen[best], abs=1e-4)
-    assert found.meta["best"]["holdout_loss"] <= seen[0]
+    assert found.meta["best"]["holdout_loss"] == pytest.approx(seen[best], abs=1e-4) and seen[best] <= seen[0]
+
+
+def test_routers_that_cannot_skip_the_budget_are_never_kept(cache):
+    messages = []
+    cfg = TrainConfig(0.3, steps=8, batch=2, seq_len=16, eval_every=4, lr=0.5)  # one bias for all: tied at the start
+    found = load_or_train(context(), cfg, "model-a", log=messages.append)
+    assert any("at step 0 no threshold skips 0.3 of the budget (nearest 0.000): not kept" in m for m in messages)
+    assert sorted(held_out_losses(messages)) == [4, 8] and found.meta["best"]["step"] in (4, 8)
 
 
 def test_noise_is_annealed_to_deterministic_gates():
