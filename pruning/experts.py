@@ -9,7 +9,9 @@ experts active per token — driven by any metric, by routing statistics, or by 
         layers (`allocation = "global"`: different counts per layer)
       → slicing.remove_experts: the kept experts and their router rows (the softmax renormalises
         over them); with `merge = "aligned"` each removed expert is merged into the kept one its
-        tokens go to next, neurons aligned first, weighted by routing mass
+        tokens go to next, neurons aligned first, weighted by routing mass; with `merge = "refit"`
+        the kept experts' down projections are refit by least squares to the unpruned layer's
+        routed output on calibration tokens (the removed experts' work folded into the kept ones)
       → slicing.set_top_k: `top_k` active experts per token (fewer: less compute per token)
 
 An `ExpertPlan` (evolve/experts_problem.py's EEP search) names the kept experts and merge
@@ -32,14 +34,14 @@ from .candidates import Method
 from .experts_plan import METHODS as EXPERT_METHODS
 from .experts_plan import ExpertPlan
 from .experts_signals import (LayerRouting, alignment, collect_routing, merge_targets, naee_keep,
-                              permute_neurons, renormalises)
+                              permute_neurons, refit_down, renormalises, routed_reference)
 from .interventions import Edits
 from .reduce import check_reducer, group_scores
 from .slicing import remove_experts, set_top_k
 from .target import PruneReport
 
 SIGNALS = ("none", "frequency", "gate", "reap")
-MERGES = ("none", "aligned")
+MERGES = ("none", "aligned", "refit")
 ALLOCATIONS = ("uniform", "global")
 METHODS = {name: Method(name) for name in EXPERT_METHODS}
 MARKER = "prunerzero_experts.json"
@@ -55,13 +57,14 @@ class ExpertsTarget:
     per_layer: str = ""  # experts kept in each MoE layer, comma-separated (overrides `experts`)
     allocation: str = "uniform"  # "global": experts x layers kept in total, ranked across layers
     top_k: int = 0  # experts active per token after pruning; 0: the model's (at most the kept count)
-    merge: str = "none"  # "aligned": removed experts merged into kept ones (routing-mass weights)
+    merge: str = "none"  # "aligned": removed experts averaged into kept ones (routing-mass weights);
+    # "refit": what the removed experts did folded into the kept ones' down projections by least squares
     merge_weight: float = 1.0  # a merged expert's routing mass counts this much beside the kept one's
     rescale: bool = True  # routers that do not renormalise top-k: kept experts scaled by the mass they held
     signal: str = "reap"  # routing statistic a metric's score is multiplied by: none, frequency, gate, reap
     reducer: str = "sum"  # metric weight scores -> expert scores (pruning/reduce.py)
     normalize: str = "none"
-    tokens: int = 2048  # calibration tokens sampled per layer for NAEE and merge targets (memory bound)
+    tokens: int = 4096  # calibration tokens sampled per layer for NAEE, merge targets and the refit (memory bound)
     seed: int = 0  # the `random` method's choice
 
     def __post_init__(self) -> None:
@@ -99,7 +102,9 @@ class ExpertsTarget:
         kept = f"per-layer experts [{self.per_layer}]" if self.counts else f"{self.experts} experts per layer"
         extra = ", global allocation" if self.allocation == "global" else ""
         extra += f", top-{self.top_k}" if self.top_k else ""
-        extra += (", merged" + (f" x{self.merge_weight:g}" if self.merge_weight != 1 else "")) if self.merge != "none" else ""
+        if self.merge == "aligned":
+            extra += ", merged" + (f" x{self.merge_weight:g}" if self.merge_weight != 1 else "")
+        extra += ", refit" if self.merge == "refit" else ""
         extra += ", not rescaled" if not self.rescale else ""
         return kept + extra
 
@@ -200,13 +205,15 @@ def allocate(scores: torch.Tensor, target: ExpertsTarget, floor: list[int]) -> l
 
 # ------------------------------------------------------------------ applying a choice
 def apply_choice(ctx, keep: list[list[int]], merges: list[dict[int, tuple[int, float]]], top_k: int,
-                 stats: list[LayerRouting], rescale: bool = True) -> None:
+                 stats: list[LayerRouting], rescale: bool = True, refit: bool = False) -> None:
     """Keep `keep[l]` experts in layer l, each removed expert j with merges[l][j] = (into, c)
     merged into `into` (neurons aligned): into ← (m_i·into + c·m_j·j) / (m_i + c·m_j), m the
     routing mass; with `rescale`, for a router that does not renormalise its top-k weights, the
     kept experts' outputs scaled by the probability mass they held (LayerRouting.kept_mass);
-    then `top_k` active experts (0: the model's, at most the kept count)."""
+    then `top_k` active experts (0: the model's, at most the kept count); with `refit`, the kept
+    experts' down projections refit to the unpruned layer's routed output (refit_down)."""
     for layer, kept, merged, s in zip(ctx.structure.expert_layers, keep, merges, stats):
+        reference = routed_reference(layer, s.inputs) if refit else None
         matrix = None
         if merged:
             permute_neurons(ctx.edits, layer, {j: alignment(layer, i, j) for j, (i, _) in merged.items()})
@@ -223,6 +230,8 @@ def apply_choice(ctx, keep: list[list[int]], merges: list[dict[int, tuple[int, f
             down = layer.module.down_proj
             ctx.edits.set_param(layer.module, "down_proj", down * s.kept_mass(kept))
         set_top_k(ctx.edits, layer, min(top_k or k_before, len(kept)))
+        if reference is not None:
+            refit_down(ctx.edits, layer, s.inputs, reference)
 
 
 def plan_choice(ctx, plan: ExpertPlan, target: ExpertsTarget):
@@ -278,7 +287,7 @@ def apply_experts(ctx, candidate, target: ExpertsTarget) -> PruneReport:
         keep, merges = plan_choice(ctx, candidate, target)
     else:
         keep, merges = metric_choice(ctx, candidate, target)
-    apply_choice(ctx, keep, merges, target.top_k, routing(ctx, target), target.rescale)
+    apply_choice(ctx, keep, merges, target.top_k, routing(ctx, target), target.rescale, target.merge == "refit")
     plan = {"keep": keep, "merge": [{str(j): [i, round(c, 6)] for j, (i, c) in m.items()} for m in merges],
             "top_k": [layer.top_k for layer in ctx.structure.expert_layers]}
     report = PruneReport(target, getattr(candidate, "name", "metric"))

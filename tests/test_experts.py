@@ -1,6 +1,7 @@
 """The experts mode on tiny random-init MoE families (Mixtral, Qwen2-MoE with its shared expert,
 OLMoE): every candidate applies and restores bit-identically, removal is the router restricted to
-the kept experts, NAEE is the brute-force optimum, merging is the aligned weighted average, saved
+the kept experts, NAEE is the brute-force optimum, merging is the aligned weighted average, the least-squares
+refit brings a layer's output closer to the unpruned one, saved
 models reload, and bad budgets fail naming the problem."""
 
 import itertools
@@ -16,8 +17,8 @@ from prunerzero.pruning import experts as ex
 from prunerzero.pruning.apply import DenseSnapshot
 from prunerzero.pruning.candidates import decode, encode
 from prunerzero.pruning.context import PruneContext
-from prunerzero.pruning.experts_signals import (alignment, all_expert_outputs, moe_output, naee_keep,
-                                                permute_neurons, route)
+from prunerzero.pruning.experts_signals import (alignment, all_expert_outputs, expert_forward, moe_output,
+                                                naee_keep, permute_neurons, route)
 from prunerzero.pruning.interventions import applied
 from prunerzero.pruning.modes import ModeError, get_mode
 from test_adapter import MOE_FAMILIES, N_EXPERTS, VOCAB, build
@@ -51,6 +52,7 @@ def family(request):
     ("qwen2_moe", "wanda", {"experts": 2, "allocation": "global"}),
     ("olmoe", "magnitude", {"per_layer": "2,3", "signal": "none", "merge": "aligned"}),
     ("mixtral", "gate", {"experts": 2, "top_k": 1, "merge": "aligned"}),
+    ("qwen2_moe", "reap", {"experts": 2, "merge": "refit"}), ("mixtral", "naee", {"experts": 2, "merge": "refit"}),
 ])
 def test_every_candidate_prunes_and_restores_bit_identically(family, candidate, fields):
     model = build(family)
@@ -122,6 +124,25 @@ def test_aligned_merging_is_the_weighted_average_of_permuted_experts():
     wi, wj = mass[i] / (mass[i] + c * mass[j]), c * mass[j] / (mass[i] + c * mass[j])
     expected = wi * original[i] + wj * original[j][torch.cat([p, p + len(p)])]
     assert torch.allclose(merged, expected, atol=1e-6) and not torch.allclose(merged, original[i])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_refit_merge_brings_the_routed_output_closer_to_the_unpruned_layers(family):
+    model = build(family)
+    ctx = context(model)
+    layer = ctx.structure.expert_layers[0]
+    x = ex.routing(ctx, MODE.make_target({}))[0].inputs
+    full = moe_output(*route(layer, x), all_expert_outputs(layer, x))
+
+    def error(fields) -> float:
+        MODE.apply(ctx, MODE.candidate("reap"), MODE.make_target({"experts": 2, "top_k": 1, **fields}))
+        kept = torch.stack([expert_forward(layer.module, r, x) for r in range(2)], 1)  # the two kept experts now
+        out = moe_output(*route(layer, x, [0, 1]), kept)
+        ctx.edits.restore()
+        return float((out - full).square().sum() / full.square().sum())
+
+    pruned, refit = error({}), error({"merge": "refit"})
+    assert refit < 0.9 * pruned, (pruned, refit)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
