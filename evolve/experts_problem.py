@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from prunerzero.core.fields import build
 from prunerzero.pruning.experts_plan import ExpertPlan
 
-from .genome import Genome, GenomeProblem
+from .genome import Genome, MovesProblem
 
 STAGES = ("prune", "merge")
 
@@ -45,7 +45,7 @@ class ExpertsOptions:
     experts: int = 0  # 0: the model's routed experts per layer
 
 
-class ExpertsProblem(GenomeProblem):
+class ExpertsProblem(MovesProblem):
     name = "experts"
 
     def __init__(self, search, options: dict, counts: list[int], experts: int):
@@ -91,24 +91,16 @@ class ExpertsProblem(GenomeProblem):
         return a, b
 
     # ------------------------------------------------------------ variation
-    def seeds(self) -> list:
-        return [Genome(self._seed())]
+    first_moves = 1  # a random individual differs from the seed
 
-    def _seed(self) -> list[int]:
+    def seeds(self) -> list:
+        return [Genome(self.start())]
+
+    def start(self) -> list[int]:
+        """The order's choice: ranks 0..n-1 kept (prune), nothing merged (merge)."""
         if self.fixed is None:
             return [int(r < n) for n in self.counts for r in range(self.E)]
         return [0] * self.length
-
-    def random_individual(self) -> Genome:
-        ind = Genome(self._seed())
-        for _ in range(random.randint(1, 2 * self.options.moves)):
-            self._move(ind)
-        return ind
-
-    def mutate(self, ind):
-        for _ in range(random.randint(1, self.options.moves)):
-            self._move(ind)
-        return (ind,)
 
     def _move(self, ind) -> None:
         layer = random.randrange(len(self.counts))

@@ -103,6 +103,30 @@ class GenomeProblem:
         return ind
 
 
+class MovesProblem(GenomeProblem):
+    """A GA whose variation is moves that keep a genome feasible (`_move`, the subclass's): a random
+    individual is the start genome moved a few times, a mutation 1..`options.moves` moves."""
+
+    first_moves = 0  # a random individual makes at least this many moves
+
+    def start(self) -> list[int]:
+        raise NotImplementedError
+
+    def _move(self, ind) -> None:
+        raise NotImplementedError
+
+    def random_individual(self) -> Genome:
+        ind = Genome(self.start())
+        for _ in range(random.randint(self.first_moves, 2 * self.options.moves)):
+            self._move(ind)
+        return ind
+
+    def mutate(self, ind):
+        for _ in range(random.randint(1, self.options.moves)):
+            self._move(ind)
+        return (ind,)
+
+
 @dataclass(frozen=True)
 class AllocationOptions:
     metric: str = ""  # the metric the allocation applies (name, expression or exported file)
@@ -112,7 +136,7 @@ class AllocationOptions:
     blocks: int = 0  # 0: the model's number of decoder blocks
 
 
-class AllocationProblem(GenomeProblem):
+class AllocationProblem(MovesProblem):
     name = "allocation"
 
     def __init__(self, search, options: dict, sparsity: float, blocks: int):
@@ -129,17 +153,9 @@ class AllocationProblem(GenomeProblem):
         self.metric_key = resolve_metric(opts.metric).key  # fails now on a bad metric, not per candidate
         super().__init__(search, opts.blocks or blocks, -opts.levels, opts.levels)
 
-    def random_individual(self) -> Genome:
-        """Uniform allocation with random level moves."""
-        ind = Genome([0] * self.length)
-        for _ in range(random.randint(0, 2 * self.options.moves)):
-            self._move(ind)
-        return ind
-
-    def mutate(self, ind):
-        for _ in range(random.randint(1, self.options.moves)):
-            self._move(ind)
-        return (ind,)
+    def start(self) -> list[int]:
+        """Uniform allocation (random individuals are it with random level moves)."""
+        return [0] * self.length
 
     def _move(self, ind) -> None:
         """One level from block j to block i (EvoPress's level switch): the total is unchanged."""
