@@ -144,7 +144,8 @@ def main(argv=None) -> None:
     timing = speed(ev, routers, budget | {"ratio": args.train_ratio}, ids, args.repeats)
     doc = {"machine": machine(), "command": "python experiments/skip_bench.py " + " ".join(argv or sys.argv[1:]),
            "protocol": protocol.describe(), "dense_perplexity": dense, "routers": routers,
-           "router_train_seconds": train_s, "train_ratio": args.train_ratio, "budget": args.budget,
+           "router_train_seconds": train_s, "router_untimed_steps": trained.extra.get("router_untimed_steps", 0),
+           "train_ratio": args.train_ratio, "budget": args.budget,
            "router_best": trained.extra.get("router_best", {}), "rows": rows,
            "multiply": {"method": "routers, multiply"} | multiply, "speed": timing}
     write(doc, out)
@@ -181,6 +182,12 @@ def plot(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def resumed_note(doc: dict) -> str:
+    """Routers resumed from a checkpoint that kept no time (an earlier version's): say so."""
+    at = doc.get("router_untimed_steps", 0)
+    return f" (resumed at step {at} from a checkpoint without its time: the steps after it only)" if at else ""
+
+
 def render(doc: dict, curve: str) -> str:
     rows, sp = doc["rows"], doc["speed"]
     lines = [
@@ -189,7 +196,7 @@ def render(doc: dict, curve: str) -> str:
         f"Machine: {doc['machine']}  ",
         f"Protocol: {doc['protocol']}; test split of austen. Dense test perplexity **{doc['dense_perplexity']:.3f}**.  ",
         f"Routers: trained at ratio {doc['train_ratio']:g} ({doc['budget']} budget) in "
-        f"{doc['router_train_seconds'] / 60:.1f} min (`{doc['routers']}`; kept: step {doc['router_best'].get('step', '?')}, "
+        f"{doc['router_train_seconds'] / 60:.1f} min{resumed_note(doc)} (`{doc['routers']}`; kept: step {doc['router_best'].get('step', '?')}, "
         f"the best on held-out train windows); for every ratio their keep threshold is set on calibration tokens.", "",
         "Skip ratio = share of (sublayer, token) pairs skipped on the test tokens (routers) or share of sublayers "
         f"removed for every token (static baselines); the budget counts {doc['budget']}. FLOPs skipped = share of "

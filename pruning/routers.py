@@ -210,8 +210,9 @@ def train(ctx, cfg: TrainConfig, windows: torch.Tensor, holdout: torch.Tensor, f
     costs = sublayer_costs(ctx.structure, subs, cfg.budget)
     opt = torch.optim.Adam([p for r in routers for p in r.parameters()], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, history, best = _resume(folder, cfg, routers, opt, gen, log)
-    t0 = time.perf_counter()
+    start, history, best, before = _resume(folder, cfg, routers, opt, gen, log)
+    untimed = start if before is None else 0  # a checkpoint of an earlier version kept no seconds
+    t0 = time.perf_counter() - (before or 0.0)  # the steps before a resume count
     with applied() as edits:
         wrapped = [install(edits, s, r, "train", cost=c) for s, r, c in zip(subs, routers, costs)]
         for w in wrapped:
@@ -224,21 +225,21 @@ def train(ctx, cfg: TrainConfig, windows: torch.Tensor, holdout: torch.Tensor, f
             history.append([round(lm, 5), round(keep, 5)])
             done = step + 1
             if done % 10 == 0 or done == cfg.steps:
-                rate = (time.perf_counter() - t0) / (done - start)
+                rate = (time.perf_counter() - t0) / (done - untimed)
                 log(f"routers: step {done}/{cfg.steps} loss {lm:.3f} kept {keep:.3f} (target {1 - cfg.ratio:.3f}) "
                     f"temperature {wrapped[0].temperature:.3f} noise {wrapped[0].noise:.2f} "
                     f"{rate:.1f}s/step, {rate * (cfg.steps - done) / 60:.1f} min left")
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 best = _consider(best, ctx, wrapped, routers, holdout, cfg, done, log)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _checkpoint(folder, cfg, routers, opt, gen, done, history, best)
+                _checkpoint(folder, cfg, routers, opt, gen, done, history, best, time.perf_counter() - t0)
     if best.tensors:  # else no routers seen met the budget on held-out tokens: the last ones
         for r, state in zip(routers, _unflatten(best.tensors, len(routers))):
             r.load_state_dict(state)
     seconds = time.perf_counter() - t0
     names = [(s.block, s.kind) for s in subs]
     meta = {"format": FORMAT, "names": names, "config": dataclasses.asdict(cfg), "train_seconds": round(seconds, 1),
-            "resumed_at": start, "history": history, "costs": costs,
+            "resumed_at": start, "untimed_steps": untimed, "history": history, "costs": costs,
             "best": {"step": best.step, "holdout_loss": round(best.loss, 6)} if best.tensors else {"step": cfg.steps}}
     log(f"routers: kept the routers of step {meta['best']['step']}" +
         (f" (held-out loss {best.loss:.4f})" if best.tensors else " (none seen met the budget on held-out tokens)"))
@@ -318,17 +319,19 @@ def _state(cfg, routers, opt, gen, step, history, best: Best) -> tuple[dict, dic
     return meta, tensors
 
 
-def _checkpoint(folder: Path, cfg, routers, opt, gen, step, history, best: Best) -> None:
+def _checkpoint(folder: Path, cfg, routers, opt, gen, step, history, best: Best, seconds: float) -> None:
     meta, tensors = _state(cfg, routers, opt, gen, step, history, best)
     data = save(tensors)
     atomic_write_bytes(folder / "checkpoint.safetensors", data)
-    atomic_write_text(folder / "checkpoint.json", json.dumps({**meta, "sha256": sha256(data)}))
+    atomic_write_text(folder / "checkpoint.json", json.dumps({**meta, "seconds": round(seconds, 1),
+                                                             "sha256": sha256(data)}))
 
 
-def _resume(folder: Path, cfg, routers, opt, gen, log) -> tuple[int, list, Best]:
-    """Continue from a checkpoint of the same configuration; a damaged one is set aside."""
+def _resume(folder: Path, cfg, routers, opt, gen, log) -> tuple[int, list, Best, float | None]:
+    """Continue from a checkpoint of the same configuration (its step, history, best and the
+    seconds spent before it); a damaged one is set aside."""
     if not (folder / "checkpoint.json").is_file():
-        return 0, [], Best()
+        return 0, [], Best(), 0.0
     try:
         meta, tensors = _read_verified(folder / "checkpoint.safetensors", folder / "checkpoint.json")
         if meta.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
@@ -346,6 +349,6 @@ def _resume(folder: Path, cfg, routers, opt, gen, log) -> tuple[int, list, Best]
         best = Best(float(loss), int(step), {k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
     except (CorruptCache, KeyError, ValueError, TypeError, RuntimeError) as e:
         set_aside(folder / "checkpoint.json", str(e), log, then="training from the start")
-        return 0, [], Best()
+        return 0, [], Best(), 0.0
     log(f"routers: resuming from step {meta['step']} ({folder / 'checkpoint.json'})")
-    return int(meta["step"]), [list(h) for h in meta["history"]], best
+    return int(meta["step"]), [list(h) for h in meta["history"]], best, meta.get("seconds")

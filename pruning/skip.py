@@ -237,7 +237,8 @@ def _apply_routers(ctx, target: SkipTarget, tokens: int = 256) -> dict:
     return {**counts, "threshold": threshold, "router_key": routers.meta.get("sha256", ""),
             "costs": [costs[(s.block, s.kind)] for s in subs], "flops": [flops[(s.block, s.kind)] for s in subs],
             "router_best": routers.meta.get("best", {}), "routers_dir": str(routers.path or ""),
-            "router_train_seconds": routers.meta.get("train_seconds", 0.0), "routed": [list(n) for n in routers.names]}
+            "router_train_seconds": routers.meta.get("train_seconds", 0.0),
+            "router_untimed_steps": routers.meta.get("untimed_steps", 0), "routed": [list(n) for n in routers.names]}
 
 
 # ------------------------------------------------------------------ saving and loading

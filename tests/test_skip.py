@@ -122,6 +122,7 @@ def test_router_training_resumes_to_the_same_routers(cache):
     assert any("resuming from step 5" in m for m in messages)
     assert resumed.meta["resumed_at"] == 5 and resumed.meta["history"] == whole.meta["history"]
     assert resumed.meta["best"] == whole.meta["best"]
+    assert resumed.meta["untimed_steps"] == 0 and resumed.meta["train_seconds"] > 0  # the checkpoint kept its time
     for a, b in zip(whole.routers, resumed.routers):
         assert torch.equal(a.proj.weight, b.proj.weight) and torch.equal(a.proj.bias, b.proj.bias)
     assert len({h[0] for h in whole.meta["history"]}) > 1  # it trained (the best may still be the start)
