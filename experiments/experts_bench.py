@@ -135,34 +135,33 @@ def best_of(run_dir: Path) -> dict:
         return next(csv.DictReader(f))
 
 
-def section_c(ev: Evaluator, protocol: Protocol, order: str, fields: dict, args) -> list[dict]:
+def eep_stage(ev: Evaluator, protocol: Protocol, name: str, problem: dict, fields: dict, args):
+    """One EEP stage through the campaign machinery: (its best row of hall_of_fame.csv, its best
+    plan, test perplexity, parameters, seconds, run directory)."""
+    from prunerzero.evolve.problems import make_problem
     from prunerzero.pruning.candidates import decode
 
-    from prunerzero.evolve.problems import make_problem
-
-    rows = []
-    stage1 = from_dict(eep_config("experts-eep-prune", protocol, {"order": order, "stage": "prune", "moves": 3}, fields,
-                                args))
+    config = from_dict(eep_config(name, protocol, problem, fields, args))
     t0 = time.perf_counter()
-    run1 = run_campaign(stage1)
-    best1 = best_of(run1)
-    problem1 = make_problem(stage1)
-    plan1 = decode(problem1.candidate(problem1.decode([int(g) for g in best1["genes"].split()])))
-    ppl, n, *_ = prune_measure(ev, plan1, fields)
-    rows.append(row(f"EEP stage 1 (prune, from {order})", order, fields, ppl, n, valid=float(best1["fitness"]),
-                    seconds=round(time.perf_counter() - t0, 1), run_dir=str(run1), keep=best1["formula"]))
+    run = run_campaign(config)
+    best = best_of(run)
+    made = make_problem(config)
+    plan = decode(made.candidate(made.decode([int(g) for g in best["genes"].split()])))
+    ppl, n, *_ = prune_measure(ev, plan, fields)
+    return best, plan, ppl, n, round(time.perf_counter() - t0, 1), str(run)
+
+
+def section_c(ev: Evaluator, protocol: Protocol, order: str, fields: dict, args) -> list[dict]:
+    best1, plan1, ppl, n, seconds, run1 = eep_stage(ev, protocol, "experts-eep-prune",
+                                                    {"order": order, "stage": "prune", "moves": 3}, fields, args)
+    rows = [row(f"EEP stage 1 (prune, from {order})", order, fields, ppl, n, valid=float(best1["fitness"]),
+                seconds=seconds, run_dir=run1, keep=best1["formula"])]
     ppl, n, *_ = prune_measure(ev, plan1, {**fields, "merge": "refit"})
     rows.append(row("EEP stage 1 + refit", order, {**fields, "merge": "refit"}, ppl, n, keep=best1["formula"]))
-    stage2 = from_dict(eep_config("experts-eep-merge", protocol, {"order": order, "stage": "merge",
-                                                                   "keep": best1["formula"], "moves": 3}, fields, args))
-    t0 = time.perf_counter()
-    run2 = run_campaign(stage2)
-    best2 = best_of(run2)
-    problem2 = make_problem(stage2)
-    plan2 = decode(problem2.candidate(problem2.decode([int(g) for g in best2["genes"].split()])))
-    ppl, n, *_ = prune_measure(ev, plan2, fields)
-    rows.append(row("EEP stage 2 (+ merge)", order, fields, ppl, n, valid=float(best2["fitness"]),
-                    seconds=round(time.perf_counter() - t0, 1), run_dir=str(run2), merge=best2["formula"]))
+    best2, _, ppl, n, seconds, run2 = eep_stage(ev, protocol, "experts-eep-merge", {
+        "order": order, "stage": "merge", "keep": best1["formula"], "moves": 3}, fields, args)
+    rows.append(row("EEP stage 2 (+ merge)", order, fields, ppl, n, valid=float(best2["fitness"]), seconds=seconds,
+                    run_dir=run2, merge=best2["formula"]))
     return rows
 
 
