@@ -15,7 +15,7 @@ committed discovered metric and Wanda). Speed: dense, gather and multiply timed 
 (median of per-repeat ratios) at one batch and prompt length, prefill with the full logits (a
 perplexity pass) and with the last position's only (generation's prefill), and one-token decode
 with the KV cache. FLOPs counted by torch's FlopCounterMode on the same prefill. Writes
-results/SKIP.md, results/skip_bench.json and results/skip_curve.png.
+results/SKIP.md, results/SKIP.json and results/SKIP-curve.png (named after --out).
 """
 
 from __future__ import annotations
