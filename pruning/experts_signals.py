@@ -268,7 +268,7 @@ def routed_reference(layer: Experts, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refit_down(edits: Edits, layer: Experts, x: torch.Tensor, reference: torch.Tensor, ridge: float = 1.0) -> float:
+def refit_down(edits: Edits, layer: Experts, x: torch.Tensor, reference: torch.Tensor, ridge: float = 1.0) -> None:
     """Fold what the removed experts did into the kept ones: every kept expert's down projection
     refit jointly, by ridge least squares, so the pruned layer's routed output on the sampled
     inputs x (its own router, its top-k) matches the unpruned layer's `reference`. The routed output
@@ -276,12 +276,11 @@ def refit_down(edits: Edits, layer: Experts, x: torch.Tensor, reference: torch.T
     the ridge pulls toward the current weights (a damping of `ridge` × the mean diagonal: strong,
     because a layer fitted closely on a few thousand tokens hurts the layers after it — on the
     derived MoE at 4/8, REAP's test perplexity went 121 -> 116, 112, 113, 116 at ridge 0.3, 1, 3, 10
-    with 4096 tokens, and to 140 at 0.01).
-    Returns the relative squared error after the refit (before it, the caller can compare)."""
+    with 4096 tokens, and to 140 at 0.01)."""
     module = layer.module
     dtype = module.down_proj.dtype
     kept = module.down_proj.shape[0]
-    weights, index = route(layer, x, list(range(kept)))
+    weights, index = route(layer, x)  # the pruned layer's router and top-k
     w = torch.zeros(len(x), kept, dtype=torch.float64).scatter_add_(1, index, weights.double())
     xs = x.to(dtype)
     feats = torch.cat([w[:, r:r + 1] * expert_hidden(module, r, xs).double() for r in range(kept)], 1)
@@ -294,4 +293,3 @@ def refit_down(edits: Edits, layer: Experts, x: torch.Tensor, reference: torch.T
                                 feats.T @ reference.double() + damp * stacked)
     blocks = solved.reshape(kept, -1, solved.shape[1])  # (k, I, H)
     edits.set_param(module, "down_proj", (blocks if transposed else blocks.transpose(1, 2)).to(dtype).contiguous())
-    return float((feats @ solved - reference).square().sum() / reference.square().sum().clamp_min(1e-30))
