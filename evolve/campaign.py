@@ -137,6 +137,7 @@ def _prepared(config: CampaignConfig, backend: Backend | None):
         backend.start()
         yield problem, backend
     finally:
+        getattr(problem, "close", lambda: None)()  # the metric problem's OOS processes
         if own:
             backend.close()
 

@@ -68,6 +68,7 @@ class SearchConfig:
     elites: int = 2  # best of the hall of fame copied unchanged into the next generation
     max_redraws: int = 10  # an individual rejected by OOS is replaced by a fresh random one
     clone_penalty: bool = True  # offspring measuring exactly a known fitness (same masks) lose it
+    oos_workers: int = 0  # processes simplifying a generation's new trees side by side (0: the driver alone)
     seed: int = 0
 
     def check(self) -> None:
@@ -85,6 +86,7 @@ class SearchConfig:
         _require(0 <= self.elites <= min(self.hall_of_fame, self.population - 1), "search.elites",
                  "must be in [0, min(hall_of_fame, population - 1)]")
         _require(self.max_redraws >= 0, "search.max_redraws", "must be >= 0")
+        _require(0 <= self.oos_workers <= 256, "search.oos_workers", "must be in [0, 256]")
         try:
             operator_set(self.operators)
         except ValueError as e:

@@ -100,6 +100,8 @@ class Engine:
 
     def _prepare_all(self, individuals: list) -> list:
         """Prepare every individual without a valid fitness; redraw the rejected ones."""
+        if hasattr(self.problem, "prepare_many"):  # all at once first (in parallel), then in order as always
+            self.problem.prepare_many([ind for ind in individuals if not ind.fitness.valid])
         out = []
         for ind in individuals:
             if not ind.fitness.valid:

@@ -37,6 +37,7 @@ from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.operators import OPERATORS
 from prunerzero.primitives.terminals import TERMINALS
 
+from .oos_pool import OOSPool
 from .simplify import simplify
 
 OPERATOR_SETS: dict[str, tuple[str, ...]] = {
@@ -167,6 +168,9 @@ class MetricProblem:
         self.refine = self.options.refine
         self.pset = primitive_set(search.operators, self.options.constants)
         self.ops = frozenset(operator_set(search.operators))
+        self._pool = OOSPool(search.oos_workers)
+        self._pool.start()  # the workers import while the campaign loads its evaluators
+        self._simplified: dict = {}  # tree -> OOS outcome, from the pool
 
     def toolbox(self) -> base.Toolbox:
         s, pset = self.search, self.pset
@@ -186,9 +190,21 @@ class MetricProblem:
     def seeds(self) -> list:
         return []  # from scratch, as Pruner-Zero
 
+    def prepare_many(self, individuals: list) -> None:
+        """OOS of a generation's new trees side by side (`search.oos_workers`); `prepare` then
+        finds them done. Outcomes are the same as `prepare` alone would compute."""
+        trees = list(dict.fromkeys(t for t in map(to_node, individuals) if t not in self._simplified))
+        if len(self._simplified) + len(trees) > 65536:
+            self._simplified.clear()
+        self._simplified.update(zip(trees, self._pool.map(trees, self.ops, self.search.max_depth, self.search.max_size)))
+
+    def close(self) -> None:
+        self._pool.close()
+
     def prepare(self, ind) -> Prepared:
         """OOS: the simplified tree replaces the offspring; its canonical form is the key."""
-        outcome = simplify(to_node(ind), self.ops, self.search.max_depth, self.search.max_size)
+        tree = to_node(ind)
+        outcome = self._simplified.get(tree) or simplify(tree, self.ops, self.search.max_depth, self.search.max_size)
         if outcome.ok:
             ind = from_node(outcome.tree, self.pset)
         ind.key = outcome.key

@@ -207,3 +207,24 @@ def test_campaign_with_successive_halving_ranks_full_budget_candidates_first(tmp
     assert windows[0] == cfg.protocol.eval_windows and windows == sorted(windows, reverse=True)
     history = _rows(run_dir / "history.csv")
     assert sum(int(r["eval_windows"]) for r in history) < sum(int(r["evaluations"]) for r in history) * 8
+
+
+def test_oos_in_worker_processes_gives_the_same_campaign(straight, tmp_path):
+    """Simplification of each generation in two spawned processes decides exactly as the driver alone."""
+    _, run_dir, _ = straight
+    parallel = run_campaign(toy_config(tmp_path, search={"generations": 4, "oos_workers": 2}), console=QUIET)
+    assert _hof(parallel) == _hof(run_dir) and _search_trace(parallel) == _search_trace(run_dir)
+
+
+def test_oos_pool_matches_in_process_simplification():
+    from prunerzero.evolve.oos_pool import OOSPool
+
+    trees = [parse(t) for t in ("add(W, W)", "div(mul(W, X), X)", "sub(G, G)", "mul(abs(W), sqrt(X))")]
+    pool = OOSPool(2)
+    try:
+        got = pool.map(trees, None, 8, 30)
+        assert pool._executor is not None  # really in other processes
+    finally:
+        pool.close()
+    assert got == [simplify(t, None, 8, 30) for t in trees]
+    assert got[2].rejected and not got[0].rejected

@@ -29,6 +29,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
     ({"protocol": {"eval_windows": 0}}, "protocol: protocol eval_windows must be >= 1"),
     ({"fidelity": {"rungs": 5}, "protocol": {"eval_windows": 8}}, "fidelity.rungs"),
     ({"search": {"elites": 30, "hall_of_fame": 20}}, "search.elites"),
+    ({"search": {"oos_workers": -1}}, "search.oos_workers: must be in"),
 ])
 def test_invalid_configs_name_the_key(data, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
