@@ -13,7 +13,7 @@ from .allocation import owl_sparsities
 from .candidates import Allocation, MaskSet, Method
 from .masks import check_pattern_fits, select_mask, zero_masked
 from .sequential import run_sequential
-from .sparsegpt import prune_sparsegpt, prune_with_metric_obs
+from .sparsegpt import prune_sparsegpt, prune_with_metric_update
 from .target import PruneReport, PruneTarget
 
 
@@ -134,8 +134,8 @@ def apply_unstructured(ctx, candidate, target: PruneTarget) -> PruneReport:
     stats = ctx.stats(candidate.needs | ({"X"} if target.allocation == "owl" else set()))
     if target.allocation == "owl" and sparsity_of is None:
         sparsity_of = owl_sparsities(ctx.units, stats, target.sparsity)
-    if target.update == "obs":
-        return prune_with_metric_obs(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
+    if target.update != "none":
+        return prune_with_metric_update(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
                                      sparsity_of=sparsity_of)
     if ctx.stats_mode == "sequential":
         return prune_with_metric_sequential(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,

@@ -114,13 +114,50 @@ def prune_sparsegpt(model, adapter, windows: torch.Tensor, target: PruneTarget, 
     return report
 
 
-def prune_with_metric_obs(model, adapter, windows: torch.Tensor, metric, target: PruneTarget, dense_stats=None,
-                          batch_size: int = 8, sparsity_of: dict[int, float] | None = None) -> PruneReport:
-    """A metric chooses the mask, SparseGPT's update refits the kept weights: block by block on
-    the inputs of the already-pruned prefix, each unit's mask is the metric's (X from those inputs
-    — the Hessian's diagonal is 2·X — and G the dense model's), then the kept weights absorb the
-    pruned ones' error through H⁻¹ (optimal brain surgeon, blockwise)."""
-    report = PruneReport(target=target, method=f"{getattr(metric, 'name', metric)} + OBS update")
+@torch.no_grad()
+def lsq_refit_unit(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdamp: float = 0.01,
+                   chunk: int = 64) -> torch.Tensor:
+    """The pruned weight (float32) whose kept weights are refit, row by row and jointly, by least
+    squares to the dense row's outputs on the calibration inputs: with Hd = H + λI (λ = percdamp ×
+    mean diagonal, SparseGPT's dampening, which pulls the kept weights toward the dense ones),
+    Hd[S,S] w_S = (Hd w)[S] for each row's kept set S. The exact optimum of the damped layer-wise
+    loss for this mask — OBS reaches it only column block by column block — at the price of one
+    k x k Cholesky solve per row (batched by rows that keep the same count)."""
+    W = W.float()
+    scale = H.diagonal().mean()
+    if scale <= 0:  # no calibration input reached the unit: nothing to fit
+        return W.masked_fill(mask, 0)
+    Hd = H.float().clone()
+    Hd.diagonal().add_(percdamp * scale)
+    rhs = W @ Hd  # row r's right-hand side is (Hd w_r) restricted to S_r (Hd is symmetric)
+    out = torch.zeros_like(W)
+    kept = ~mask
+    counts = kept.sum(dim=1)
+    for k in counts.unique().tolist():
+        rows = (counts == k).nonzero().squeeze(1)
+        for c in range(0, len(rows) if k else 0, chunk):
+            r = rows[c:c + chunk]
+            idx = kept[r].nonzero()[:, 1].view(len(r), k)
+            chol = torch.linalg.cholesky(Hd[idx.unsqueeze(2), idx.unsqueeze(1)])
+            out[r.unsqueeze(1), idx] = torch.cholesky_solve(rhs[r.unsqueeze(1), idx].unsqueeze(2), chol).squeeze(2)
+    return out
+
+
+UNIT_UPDATES = {  # target.update -> (the kept weights' refit given a mask, its name in reports)
+    "obs": (lambda W, H, target, mask: sparsegpt_unit(W, H, target, mask=mask), "OBS update"),
+    "lsq": (lambda W, H, target, mask: lsq_refit_unit(W, H, mask), "LSQ refit"),
+}
+
+
+def prune_with_metric_update(model, adapter, windows: torch.Tensor, metric, target: PruneTarget, dense_stats=None,
+                             batch_size: int = 8, sparsity_of: dict[int, float] | None = None) -> PruneReport:
+    """A metric chooses the mask, a reconstruction step refits the kept weights (`target.update`:
+    SparseGPT's OBS update, or the exact least-squares refit): block by block on the inputs of the
+    already-pruned prefix, each unit's mask is the metric's (X from those inputs — the Hessian's
+    diagonal is 2·X — and G the dense model's), then the kept weights absorb the pruned ones'
+    error on those inputs."""
+    refit, what = UNIT_UPDATES[target.update]
+    report = PruneReport(target=target, method=f"{getattr(metric, 'name', metric)} + {what}")
     t0 = time.perf_counter()
     G = dense_stats.G if dense_stats is not None else {}
 
@@ -138,7 +175,7 @@ def prune_with_metric_obs(model, adapter, windows: torch.Tensor, metric, target:
             scores = metric(W, g.to(W.device, torch.float32) if g is not None and "G" in metric.needs else None,
                             X if "X" in metric.needs else None)
             mask = select_mask(scores, sparsity, target.nm, target.group, unit.name)
-            new = sparsegpt_unit(W, H, target, mask=mask) if H is not None else W.masked_fill(mask, 0)
+            new = refit(W, H, target, mask) if H is not None else W.masked_fill(mask, 0)
             unit.weight.copy_(new.to(unit.weight.dtype))
             report.add_mask(unit.name, mask)
         report.add_units(units)

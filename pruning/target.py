@@ -13,7 +13,7 @@ from .allocation import ALLOCATIONS
 from .masks import GROUPS, MaskDigest
 
 
-UPDATES = ("none", "obs")
+UPDATES = {"none": "", "obs": " + OBS update", "lsq": " + LSQ refit"}  # name -> in descriptions
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class PruneTarget:
     sparsity: float = 0.5  # fraction pruned per comparison group (ignored for N:M)
     pattern: str = "unstructured"  # or "N:M" (N kept of every M)
     group: str = "row"  # comparison group for unstructured: "row" or "layer"
-    update: str = "none"  # "obs": the kept weights are refit to the pruned ones' outputs (SparseGPT's update)
+    update: str = "none"  # the kept weights refit to the dense outputs: "obs" (SparseGPT's update) or "lsq" (exact)
     allocation: str = "uniform"  # or "owl": sparsity per block by outlier ratio (pruning/allocation.py)
 
     def __post_init__(self) -> None:
@@ -48,7 +48,7 @@ class PruneTarget:
         base = f"{self.pattern}" if self.nm else f"{self.sparsity:g} unstructured per {self.group}"
         if self.allocation != "uniform":
             base += f", {self.allocation.upper()} allocation"
-        return base + (" + OBS update" if self.update == "obs" else "")
+        return base + UPDATES[self.update]
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import builtin
 from prunerzero.pruning.masks import PatternError, select_mask
-from prunerzero.pruning.sparsegpt import HessianAccumulator, prune_sparsegpt, sparsegpt_unit
+from prunerzero.pruning.sparsegpt import HessianAccumulator, lsq_refit_unit, prune_sparsegpt, sparsegpt_unit
 from prunerzero.pruning.target import PruneTarget
 
 
@@ -215,3 +215,71 @@ def test_the_unstructured_mode_with_obs_update_is_sequential_exact_and_restorabl
     assert PruneTarget(0.5, update="obs").describe() == "0.5 unstructured per row + OBS update"
     with pytest.raises(ValueError, match="unknown weight update 'lstsq'"):
         PruneTarget(0.5, update="lstsq")
+
+
+# ---------------------------------------------------------------- the exact least-squares refit
+def _damped_error(H, W, W_pruned, percdamp=0.01) -> float:
+    Hd = H + percdamp * H.diagonal().mean() * torch.eye(H.shape[0])
+    D = W - W_pruned
+    return float(torch.einsum("ri,ij,rj->", D, Hd, D))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_the_lsq_refit_keeps_the_mask_and_is_the_optimum_obs_approaches(tiny_llama, calib, pattern):
+    adapter = ModelAdapter(tiny_llama)
+    inputs = _unit_inputs(tiny_llama, adapter, calib)
+    target = PruneTarget(0.5, pattern=pattern, update="lsq")
+    for unit in adapter.prunable():
+        X, W = inputs[unit.tap], unit.weight.float()
+        acc = HessianAccumulator()
+        acc(unit.tap, X)
+        H = acc.hessian(unit.tap)
+        mask = select_mask(builtin("wanda")(W, None, (X**2).mean(dim=0)), 0.5, target.nm)
+        lsq = lsq_refit_unit(W, H, mask)
+        assert torch.equal(lsq == 0, mask), unit.name  # exactly the metric's mask
+        obs = sparsegpt_unit(W, H, target, mask=mask)
+        assert _damped_error(H, W, lsq) <= _damped_error(H, W, obs) * (1 + 1e-5), unit.name
+        assert _error(X, W, lsq) < _error(X, W, W.masked_fill(mask, 0)), unit.name
+
+
+def test_the_lsq_refit_solves_each_row_like_a_direct_least_squares():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 12, generator=g)
+    X[:, 5] = 0  # a dead input
+    W = torch.randn(7, 12, generator=g)
+    mask = torch.rand(7, 12, generator=g) < torch.linspace(0.2, 0.8, 7).unsqueeze(1)  # a different count per row
+    H = 2 * X.t() @ X / X.shape[0]
+    got = lsq_refit_unit(W, H, mask, percdamp=0.01)
+    lam = 0.01 * H.diagonal().mean()
+    for r in range(7):
+        S = (~mask[r]).nonzero().squeeze(1)
+        # min ||X_S w_S - X w||² n/2... in the damped form: [X_S; √(λn/2) I] w_S = [X w; √(λn/2) w_S0]
+        A = torch.cat([X[:, S], (lam * X.shape[0] / 2) ** 0.5 * torch.eye(len(S))])
+        b = torch.cat([X @ W[r], (lam * X.shape[0] / 2) ** 0.5 * W[r, S]])
+        expect = torch.linalg.lstsq(A.double(), b.double().unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(got[r, S].double(), expect, atol=1e-4, rtol=1e-4)
+        assert torch.all(got[r, mask[r]] == 0)
+
+
+def test_the_unstructured_mode_with_the_lsq_refit(tiny_llama, tiny_windows):
+    from prunerzero.primitives.stats import collect_stats
+    from prunerzero.pruning.apply import DenseSnapshot
+    from prunerzero.pruning.context import PruneContext
+    from prunerzero.pruning.modes import get_mode
+
+    adapter = ModelAdapter(tiny_llama)
+    stats = collect_stats(tiny_llama, adapter, tiny_windows, need_g=True)
+    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: stats)
+    mode, snapshot = get_mode("unstructured"), DenseSnapshot(adapter.prunable())
+    with torch.no_grad():
+        dense = tiny_llama(tiny_windows).logits
+    plain = mode.apply(ctx, builtin("wanda"), PruneTarget(0.5, pattern="2:4"))
+    with torch.no_grad():
+        plain_logits = tiny_llama(tiny_windows).logits
+    snapshot.restore()
+    lsq = mode.apply(ctx, builtin("wanda"), PruneTarget(0.5, pattern="2:4", update="lsq"))
+    assert lsq.sparsity == plain.sparsity == 0.5 and lsq.method == "wanda + LSQ refit"
+    with torch.no_grad():
+        assert (tiny_llama(tiny_windows).logits - dense).norm() < (plain_logits - dense).norm()
+    snapshot.restore()
+    assert PruneTarget(0.0, pattern="2:4", update="lsq").describe() == "2:4 + LSQ refit"
