@@ -11,7 +11,10 @@ Measures, on whatever machine it runs on (CPU or GPU), with the real smollm2-135
   d. search efficiency over a 20-generation campaign: how many evaluations OOS, de-duplication,
      the fitness cache and identical masks spare; and the windows successive halving spares;
   e. peak memory of statistics collection and of one evaluator, against the model's size;
-  f. each per-candidate kernel chosen (mask selection, zeroing) against the plain torch way.
+  f. each per-candidate kernel chosen (mask selection, zeroing) against the plain torch way;
+  g. search throughput: today's campaign fitness against the chosen cheap one (results/FITNESS.md,
+     experiments/smollm2-cpu-cheap.toml) side by side, the cheap one's overhead, and the driver's
+     own time per candidate (OOS, selection, cache, checkpoints) against one evaluation.
 and writes the report (tables, machine, command, medians over repeats) to results/BENCHMARKS.md.
 """
 
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,11 +45,12 @@ from bench_report import machine, median_ms, report  # noqa: E402  (a sibling sc
 
 SIZES = {  # protocol and repetition per size; "small" is the CPU campaign's protocol
     # (experiments/smollm2-cpu-unstructured50.toml), "full" the default protocol (GPU)
-    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, rungs=2, toy=True),
+    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, rungs=2, toy=True,
+                 driver_generations=2, driver_population=8),
     "small": dict(seq_len=256, calib=16, windows=16, repeats=7, jobs=4, population=16, generations=20, rungs=3,
-                  toy=True),
+                  toy=True, driver_generations=10),
     "full": dict(seq_len=1024, calib=128, windows=128, repeats=7, jobs=4, population=32, generations=20, rungs=3,
-                 toy=False),
+                 toy=False, driver_generations=10),
 }
 METRIC = "wanda"
 RAY_METRICS = ["magnitude", "wanda", "ria", "pruner-zero", "gradient", "mul(sqr(W), sqrt(X))",
@@ -165,6 +170,75 @@ def _campaign_history(size: dict, spec: EvalSpec, rungs: int):
         return pd.read_csv(run_dir / "history.csv")
 
 
+# ------------------------------------------------------------------ g: search throughput
+CHEAP_CONFIG = Path(__file__).with_name("smollm2-cpu-cheap.toml")  # the fitness chosen from results/FITNESS.md
+
+
+def search_throughput(spec: EvalSpec, size: dict, repeats: int, today: Evaluator) -> dict:
+    """Candidates per hour at today's campaign fitness and at the chosen cheap one, measured
+    alternately in one run; the cheap one's per-candidate cost broken down; and the driver's time
+    per evaluated candidate over toy campaigns with the CPU campaign's search settings, OOS in the
+    driver against OOS in worker processes."""
+    from prunerzero.evolve.config import load_config
+
+    cheap_spec = load_config(CHEAP_CONFIG).eval_spec()
+    if size["toy"] and spec.protocol.seq_len < 128:  # the tiny smoke run: the chosen fitness on its own protocol
+        cheap_spec = replace(spec, fitness=cheap_spec.fitness, protocol=spec.protocol.with_(eval_windows=1))
+    cheap = Evaluator(cheap_spec, needs=frozenset("WGX"))
+    metric = resolve_metric(METRIC)
+    evals = {"today": [], "cheap": []}
+    for rep in range(repeats + 1):
+        t_today = timed(lambda: today.evaluate(metric))[0]
+        t_cheap = timed(lambda: cheap.evaluate(metric))[0]
+        if rep:
+            evals["today"].append(t_today)
+            evals["cheap"].append(t_cheap)
+    drivers = {workers: _driver_seconds(size, workers) for workers in (0, os.cpu_count() or 1)}
+    return {"today": today.spec, "cheap": cheap_spec, "evals": evals, "cheap_costs": candidate_costs(cheap, repeats),
+            "cheap_tokens": int(cheap.windows.numel()), "drivers": drivers}
+
+
+def _driver_seconds(size: dict, oos_workers: int) -> dict:
+    """A toy campaign (its evaluations take no model) with the committed CPU campaign's search
+    settings. Per generation, the driver's time is the generation's wall time less the
+    evaluations' own seconds, plus the checkpoint and logs written after it; summed over the
+    generations after the first (the first also waits for the OOS processes to start, once per
+    campaign, while a real campaign's evaluators load)."""
+    import pandas as pd
+    from rich.console import Console
+
+    from prunerzero.evolve import campaign
+    from prunerzero.evolve.config import from_dict, load_config
+
+    search = load_config(Path(__file__).with_name("smollm2-cpu-unstructured50.toml")).search
+    saves: list[float] = []
+    save = campaign._save
+
+    def timed_save(*a, **kw):  # the checkpoint and logs of each generation are the driver's work too
+        saves.append(timed(lambda: save(*a, **kw))[0])
+
+    campaign._save = timed_save
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            config = from_dict({
+                "name": "bench-driver", "runs_dir": f"{root}/runs", "cache": f"{root}/fitness.sqlite",
+                "eval": {"model": "toy"}, "protocol": {"calib_windows": 2, "eval_windows": 16},
+                "search": {"population": size.get("driver_population", search.population),
+                           "generations": size["driver_generations"], "operators": search.operators,
+                           "max_depth": search.max_depth, "max_size": search.max_size,
+                           "init_max_depth": search.init_max_depth, "oos_workers": oos_workers, "seed": 0}})
+            run_dir = campaign.run_campaign(config, console=Console(file=open(os.devnull, "w")))
+            h = pd.read_csv(run_dir / "history.csv")
+    finally:
+        campaign._save = save
+    later = h.iloc[1:]
+    driver = float((later["wall_seconds"] - later["eval_seconds"]).sum()) + sum(saves[1:len(h)])
+    evaluated = int(later["evaluations"].sum())
+    return {"generations": len(later), "offspring": int(later["offspring"].sum()), "evaluated": evaluated,
+            "first_generation_s": float(h["wall_seconds"].iloc[0] - h["eval_seconds"].iloc[0]),
+            "driver_seconds": driver, "per_candidate": driver / max(evaluated, 1)}
+
+
 # ------------------------------------------------------------------ e: memory
 def peak_memory(spec: EvalSpec) -> dict:
     """Peak memory of each phase in a fresh process (GPU: max allocated; CPU: max RSS)."""
@@ -257,12 +331,12 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=SIZES, default="full" if torch.cuda.is_available() else "small")
     parser.add_argument("--out", type=Path, default=Path("results/BENCHMARKS.md"))
     parser.add_argument("--max-workers", type=int, default=0, help="Ray evaluators up to (default: CPU cores, or 4 on a GPU)")
-    parser.add_argument("--sections", default="abcdef",
+    parser.add_argument("--sections", default="abcdefg",
                         help="which sections to run, e.g. 'abf' (a and b are one measurement): a machine with a "
                              "time limit per command runs them in parts, each with its own --out")
     args = parser.parse_args(argv)
-    if not set(args.sections) <= set("abcdef") or not args.sections:
-        parser.error(f"--sections {args.sections!r}: use letters among a, b, c, d, e, f")
+    if not set(args.sections) <= set("abcdefg") or not args.sections:
+        parser.error(f"--sections {args.sections!r}: use letters among a, b, c, d, e, f, g")
     if "b" in args.sections and "a" not in args.sections:
         args.sections += "a"
     size = SIZES[args.size]
@@ -277,12 +351,14 @@ def main(argv=None) -> None:
                "f": lambda: kernel_choices(ev, args.repeats),
                "e": lambda: peak_memory(spec),
                "c": lambda: ray_scaling(spec, max_workers, args.jobs, gpu),
-               "d": lambda: search_efficiency(size, spec)}
+               "d": lambda: search_efficiency(size, spec),
+               "g": lambda: search_throughput(spec, size, args.repeats, ev)}
     results = {}
     for name, fn in measure.items():
         results[name] = fn() if name in args.sections else None
         print(f"{name}: {'done' if name in args.sections else 'not asked'}", flush=True)
-    text = report(args, spec, ev, METRIC, results["a"], results["c"], results["d"], results["e"], results["f"])
+    text = report(args, spec, ev, METRIC, results["a"], results["c"], results["d"], results["e"], results["f"],
+                  results["g"])
     atomic_write_text(args.out, text)
     print(text)
 

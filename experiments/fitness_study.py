@@ -62,7 +62,12 @@ FIDELITIES = [
     Fidelity("kl 8x256", "kl", 8),
     Fidelity("kl 4x256", "kl", 4),
     Fidelity("kl 8x128", "kl", 8, 128),
+    Fidelity("ppl 4x128", "perplexity", 4, 128),
+    Fidelity("kl 4x128", "kl", 4, 128),
+    Fidelity("kl 2x256", "kl", 2),
 ]
+# successive halving: (low fidelity for everyone, high fidelity for the best third)
+HALVINGS = [("ppl 4x256", "ppl 16x256 (today's campaign)"), ("kl 4x128", "kl 16x256")]
 
 
 def reference_metrics(n: int, seed: int) -> list[Metric]:
@@ -149,13 +154,13 @@ def main(argv=None) -> None:
         rho, tau = correlations(reference, cheap, keys)
         rows.append((fid.name, rho, tau, statistics.median(cheap[k][1] for k in keys)))
         log(f"{fid.name}: spearman {rho:.3f} kendall {tau:.3f}")
-    low, high = cheap_all["ppl 4x256"], cheap_all["ppl 16x256 (today's campaign)"]
-    race = halving(low, high, keys)
-    xs, ys = [reference[k][0] for k in keys], [race[k][0] for k in keys]
-    ranks = sorted(keys, key=lambda k: race[k][0])
-    rho = float(sps.spearmanr(xs, [ranks.index(k) for k in keys]).statistic)
-    tau = float(sps.kendalltau(xs, [ranks.index(k) for k in keys]).statistic)
-    rows.append(("halving: ppl 4x256, best third at 16x256", rho, tau, statistics.median(race[k][1] for k in keys)))
+    for low_name, high_name in HALVINGS:
+        race = halving(cheap_all[low_name], cheap_all[high_name], keys)
+        ranks = sorted(keys, key=lambda k: race[k][0])
+        xs, ys = [reference[k][0] for k in keys], [ranks.index(k) for k in keys]
+        rho, tau = float(sps.spearmanr(xs, ys).statistic), float(sps.kendalltau(xs, ys).statistic)
+        rows.append((f"halving: {low_name}, best third at {high_name}", rho, tau,
+                     statistics.median(race[k][1] for k in keys)))
     data = {"reference": {k: reference[k][0] for k in keys},
             "formulas": {m.key: m.formula for m in metrics},
             "cheap": {n: {k: c[k][0] for k in keys} for n, c in cheap_all.items()}, "rows": rows}

@@ -122,7 +122,7 @@ def lsq_refit_unit(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdam
     mean diagonal, SparseGPT's dampening, which pulls the kept weights toward the dense ones),
     Hd[S,S] w_S = (Hd w)[S] for each row's kept set S. The exact optimum of the damped layer-wise
     loss for this mask — OBS reaches it only column block by column block — at the price of one
-    k x k Cholesky solve per row (batched by rows that keep the same count)."""
+    k x k solve per row (batched by rows that keep the same count)."""
     W = W.float()
     scale = H.diagonal().mean()
     if scale <= 0:  # no calibration input reached the unit: nothing to fit
@@ -138,8 +138,9 @@ def lsq_refit_unit(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdam
         for c in range(0, len(rows) if k else 0, chunk):
             r = rows[c:c + chunk]
             idx = kept[r].nonzero()[:, 1].view(len(r), k)
-            chol = torch.linalg.cholesky(Hd[idx.unsqueeze(2), idx.unsqueeze(1)])
-            out[r.unsqueeze(1), idx] = torch.cholesky_solve(rhs[r.unsqueeze(1), idx].unsqueeze(2), chol).squeeze(2)
+            # LU (linalg.solve): batched, it is ~8x faster than a batched Cholesky on CPU here
+            out[r.unsqueeze(1), idx] = torch.linalg.solve(Hd[idx.unsqueeze(2), idx.unsqueeze(1)],
+                                                          rhs[r.unsqueeze(1), idx].unsqueeze(2)).squeeze(2)
     return out
 
 

@@ -28,14 +28,16 @@ def _tiny_report(tmp_path, *args: str) -> str:
 def test_bench_tiny_writes_every_section(tmp_path):
     text = _tiny_report(tmp_path, "--max-workers", "2")
     for heading in ("Targets", "a. Per-candidate fitness cost", "b. Evaluator throughput", "c. Ray scaling",
-                    "d. Search efficiency", "e. Peak memory", "f. Kernel choices, side by side"):
+                    "d. Search efficiency", "e. Peak memory", "f. Kernel choices, side by side", "g. Search throughput"):
         assert f"## {heading}" in text
     assert re.search(r"\| 2 \| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", text)  # 2 evaluators, 4 candidates
     spared = [float(x) for x in re.findall(r"\*\*([\d.]+)%\*\* \|", text)]
     assert len(spared) == 2 and all(0 <= x <= 100 for x in spared)  # tree by tree; windows with successive halving
     kernels = re.findall(r"\| ([\d.]+) \| [^|]+ \| ([\d.]+) \| ([\d.]+)x \|", text)
     assert len(kernels) == 4 and all(float(base) > 0 and float(chosen) > 0 for base, chosen, _ in kernels)
-    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 4  # each target, met or not
+    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 7  # each target, met or not
+    drivers = re.findall(r"\| (?:in the driver|\d+) \| 2 \| \d+ \| (\d+) \| ([\d.]+) \| (\d+) \|", text)
+    assert len(drivers) == 2 and all(float(s) > 0 for _, s, _ in drivers)  # OOS here, then in workers
     params = float(re.search(r"parameters alone: (\d+) MiB", text).group(1))
     loaded = float(re.search(r"\| loading an evaluator \| (\d+) \|", text).group(1))
     assert loaded >= params  # the process held at least the parameters
@@ -45,7 +47,7 @@ def test_bench_runs_only_the_sections_asked(tmp_path):
     text = _tiny_report(tmp_path, "--sections", "f")
     assert "--sections f" in text and "## f. Kernel choices, side by side" in text
     assert "## a. Per-candidate" not in text and "## c. Ray scaling" not in text and "## d. Search" not in text
-    assert len(re.findall(r"\| not run \|", text)) == 4  # no section asked measures a target
+    assert len(re.findall(r"\| not run \|", text)) == 7  # no section asked measures a target
 
 
 def test_bench_refuses_unknown_sections():
