@@ -69,7 +69,8 @@ TABLES = [
 ]
 # which mask-only / reconstruction cells of a table are measured (skipped pairs cost minutes each)
 SKIP = {("reconstruction", "wanda", c) for c in ("50% + OBS", "50% OWL + LSQ", "2:4 + OBS", "2:4 + LSQ")} | {
-    ("mask", "gradient", c) for c in ("50% OWL", "60% OWL", "70% OWL")}
+    ("mask", "gradient", c) for c in ("50% OWL", "60% OWL", "70% OWL")} | {
+    ("mask", RUNNER_UP, c) for c in ("60%", "70%", "60% OWL", "70% OWL")} | {("reconstruction", FOUND, "2:4 + OBS")}
 
 
 def cell_key(mode, metric: str, target: dict) -> tuple[str, str]:
