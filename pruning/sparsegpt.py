@@ -17,7 +17,7 @@ import torch
 
 from .masks import check_pattern_fits, select_mask
 from .sequential import run_sequential
-from .target import PruneReport, PruneTarget
+from .target import UPDATES, PruneReport, PruneTarget
 
 
 class HessianAccumulator:
@@ -144,9 +144,9 @@ def lsq_refit_unit(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdam
     return out
 
 
-UNIT_UPDATES = {  # target.update -> (the kept weights' refit given a mask, its name in reports)
-    "obs": (lambda W, H, target, mask: sparsegpt_unit(W, H, target, mask=mask), "OBS update"),
-    "lsq": (lambda W, H, target, mask: lsq_refit_unit(W, H, mask), "LSQ refit"),
+UNIT_UPDATES = {  # target.update -> the kept weights' refit given a mask
+    "obs": lambda W, H, target, mask: sparsegpt_unit(W, H, target, mask=mask),
+    "lsq": lambda W, H, target, mask: lsq_refit_unit(W, H, mask),
 }
 
 
@@ -157,8 +157,8 @@ def prune_with_metric_update(model, adapter, windows: torch.Tensor, metric, targ
     already-pruned prefix, each unit's mask is the metric's (X from those inputs — the Hessian's
     diagonal is 2·X — and G the dense model's), then the kept weights absorb the pruned ones'
     error on those inputs."""
-    refit, what = UNIT_UPDATES[target.update]
-    report = PruneReport(target=target, method=f"{getattr(metric, 'name', metric)} + {what}")
+    refit = UNIT_UPDATES[target.update]
+    report = PruneReport(target=target, method=f"{getattr(metric, 'name', metric)}{UPDATES[target.update]}")
     t0 = time.perf_counter()
     G = dense_stats.G if dense_stats is not None else {}
 
