@@ -41,7 +41,7 @@ from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.apply import unit_scores
 from prunerzero.pruning.masks import select_mask, zero_masked
 
-from bench_report import machine, median_ms, report  # noqa: E402  (a sibling script)
+from bench_report import machine, median_ms, merge_reports, report  # noqa: E402  (a sibling script)
 
 SIZES = {  # protocol and repetition per size; "small" is the CPU campaign's protocol
     # (experiments/smollm2-cpu-unstructured50.toml), "full" the default protocol (GPU)
@@ -333,7 +333,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-workers", type=int, default=0, help="Ray evaluators up to (default: CPU cores, or 4 on a GPU)")
     parser.add_argument("--sections", default="abcdefg",
                         help="which sections to run, e.g. 'abf' (a and b are one measurement): a machine with a "
-                             "time limit per command runs them in parts, each with its own --out")
+                             "time limit per command runs them in parts, each with its own --out (or --merge)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections not run (and their targets) from the report already at --out")
     args = parser.parse_args(argv)
     if not set(args.sections) <= set("abcdefg") or not args.sections:
         parser.error(f"--sections {args.sections!r}: use letters among a, b, c, d, e, f, g")
@@ -359,6 +361,8 @@ def main(argv=None) -> None:
         print(f"{name}: {'done' if name in args.sections else 'not asked'}", flush=True)
     text = report(args, spec, ev, METRIC, results["a"], results["c"], results["d"], results["e"], results["f"],
                   results["g"])
+    if args.merge and args.out.is_file():
+        text = merge_reports(args.out.read_text(), text)
     atomic_write_text(args.out, text)
     print(text)
 

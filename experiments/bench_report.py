@@ -215,3 +215,36 @@ def throughput_section(t) -> list[str]:
                      f"{d['first_generation_s']:.1f} |")
     return lines + ["", "A cluster of N evaluators stays busy while the driver's time per candidate is under 1/N of "
                     "an evaluation: <= 1% for 100 evaluators.", ""]
+
+
+def _blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A report's lines before its first section, and its sections by heading ("Targets", "a", ...)."""
+    head, blocks, current = [], {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+            current = title.split(".")[0] if title[:2].rstrip(".").isalpha() and title[1:2] == "." else title
+            blocks[current] = []
+        (blocks[current] if current else head).append(line)
+    return head, blocks
+
+
+def merge_reports(old: str, new: str) -> str:
+    """The new report, with the sections it did not run — and their targets' rows — kept from the
+    old one; each kept section says which run wrote it."""
+    old_head, old_blocks = _blocks(old)
+    new_head, new_blocks = _blocks(new)
+    written = next((ln for ln in old_head if ln.startswith("Written by")), "Written by an earlier run.")
+    old_rows = [ln for ln in old_blocks.get("Targets", []) if ln.startswith("| ")]  # same order, new ones last
+    targets, row = [], 0
+    for ln in new_blocks.get("Targets", []):
+        if ln.startswith("| "):
+            ln = old_rows[row] if "| not run |" in ln and row < len(old_rows) else ln
+            row += 1
+        targets.append(ln)
+    kept = {k: v if v[2:3] and v[2].startswith("_Kept from an earlier report") else
+            [v[0], "", f"_Kept from an earlier report: {written[0].lower()}{written[1:]}_", *v[1:]]
+            for k, v in old_blocks.items() if k != "Targets" and k not in new_blocks}
+    sections = {**kept, **{k: v for k, v in new_blocks.items() if k != "Targets"}}
+    body = [line for key in sorted(sections) for line in sections[key]]
+    return "\n".join(new_head + targets + body).rstrip() + "\n"

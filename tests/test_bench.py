@@ -53,3 +53,19 @@ def test_bench_runs_only_the_sections_asked(tmp_path):
 def test_bench_refuses_unknown_sections():
     proc = _bench("--sections", "ax", timeout=120)
     assert proc.returncode == 2 and "--sections 'ax'" in proc.stderr
+
+
+def test_merging_keeps_the_sections_not_run_and_says_which_run_wrote_them():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_report import merge_reports
+
+    old = ("# r\n\nWritten by `old` on 2026-01-01.\n\n## Targets\n\n| t | v | b | m |\n|---|\n| one | 1 | x | yes |\n"
+           "| two | 2 | x | no |\n\n## a. First\n\nold a\n\n## c. Third\n\nold c\n")
+    new = ("# r\n\nWritten by `new` on 2026-02-02.\n\n## Targets\n\n| t | v | b | m |\n|---|\n| one | not run | x | - |\n"
+           "| two | 3 | x | yes |\n| three | not run | x | - |\n\n## b. Second\n\nnew b\n\n## c. Third\n\nnew c\n")
+    merged = merge_reports(old, new)
+    assert "| one | 1 | x | yes |" in merged and "| two | 3 | x | yes |" in merged and "| three | not run |" in merged
+    assert merged.index("## a. First") < merged.index("## b. Second") < merged.index("## c. Third")
+    assert "old a" in merged and "new c" in merged and "old c" not in merged
+    assert "_Kept from an earlier report: written by `old` on 2026-01-01._" in merged
+    assert merge_reports(merged, new) == merged  # a second merge keeps the provenance it had
