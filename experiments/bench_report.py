@@ -210,7 +210,7 @@ def throughput_section(t) -> list[str]:
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for workers, d in sorted(t["drivers"].items()):
         lines.append(f"| {workers or 'in the driver'} | {d['generations']} | {d['offspring']} | {d['evaluated']} | "
-                     f"{d['driver_seconds']:.1f} | {1000 * d['per_candidate']:.0f} | "
+                     f"{d['driver_seconds']:.2f} | {1000 * d['per_candidate']:.1f} | "
                      f"{d['per_candidate'] / n['today']:.2%} | {d['per_candidate'] / n['cheap']:.2%} | "
                      f"{d['first_generation_s']:.1f} |")
     return lines + ["", "A cluster of N evaluators stays busy while the driver's time per candidate is under 1/N of "
