@@ -190,18 +190,23 @@ def test_a_metric_mask_with_the_obs_update_prunes_exactly_that_mask_and_reconstr
         assert _error(X, W, updated) < _error(X, W, masked), unit.name
 
 
-def test_the_unstructured_mode_with_obs_update_is_sequential_exact_and_restorable(tiny_llama, tiny_windows):
+def _unstructured_mode(model, windows):
+    """The unstructured mode, a context on `windows`, a dense snapshot and the dense logits."""
     from prunerzero.primitives.stats import collect_stats
     from prunerzero.pruning.apply import DenseSnapshot
     from prunerzero.pruning.context import PruneContext
     from prunerzero.pruning.modes import get_mode
 
-    adapter = ModelAdapter(tiny_llama)
-    stats = collect_stats(tiny_llama, adapter, tiny_windows, need_g=True)
-    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: stats)
-    mode, snapshot = get_mode("unstructured"), DenseSnapshot(adapter.prunable())
+    adapter = ModelAdapter(model)
+    stats = collect_stats(model, adapter, windows, need_g=True)
+    ctx = PruneContext(model, adapter, windows, lambda needs: stats)
     with torch.no_grad():
-        dense = tiny_llama(tiny_windows).logits
+        dense = model(windows).logits
+    return get_mode("unstructured"), ctx, DenseSnapshot(adapter.prunable()), dense
+
+
+def test_the_unstructured_mode_with_obs_update_is_sequential_exact_and_restorable(tiny_llama, tiny_windows):
+    mode, ctx, snapshot, dense = _unstructured_mode(tiny_llama, tiny_windows)
     plain = mode.apply(ctx, builtin("gradient"), PruneTarget(0.5))
     plain_logits = tiny_llama(tiny_windows).logits.detach()
     snapshot.restore()
@@ -262,17 +267,7 @@ def test_the_lsq_refit_solves_each_row_like_a_direct_least_squares():
 
 
 def test_the_unstructured_mode_with_the_lsq_refit(tiny_llama, tiny_windows):
-    from prunerzero.primitives.stats import collect_stats
-    from prunerzero.pruning.apply import DenseSnapshot
-    from prunerzero.pruning.context import PruneContext
-    from prunerzero.pruning.modes import get_mode
-
-    adapter = ModelAdapter(tiny_llama)
-    stats = collect_stats(tiny_llama, adapter, tiny_windows, need_g=True)
-    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: stats)
-    mode, snapshot = get_mode("unstructured"), DenseSnapshot(adapter.prunable())
-    with torch.no_grad():
-        dense = tiny_llama(tiny_windows).logits
+    mode, ctx, snapshot, dense = _unstructured_mode(tiny_llama, tiny_windows)
     plain = mode.apply(ctx, builtin("wanda"), PruneTarget(0.5, pattern="2:4"))
     with torch.no_grad():
         plain_logits = tiny_llama(tiny_windows).logits
