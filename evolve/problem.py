@@ -192,7 +192,10 @@ class MetricProblem:
 
     def prepare_many(self, individuals: list) -> None:
         """OOS of a generation's new trees side by side (`search.oos_workers`); `prepare` then
-        finds them done. Outcomes are the same as `prepare` alone would compute."""
+        finds them done. Outcomes are the same as `prepare` alone would compute. In the driver
+        alone there is nothing to gain: `simplify`'s own cache serves `prepare`."""
+        if self._pool.workers <= 1:
+            return
         trees = list(dict.fromkeys(t for t in map(to_node, individuals) if t not in self._simplified))
         if len(self._simplified) + len(trees) > 65536:
             self._simplified.clear()

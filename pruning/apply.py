@@ -136,7 +136,7 @@ def apply_unstructured(ctx, candidate, target: PruneTarget) -> PruneReport:
         sparsity_of = owl_sparsities(ctx.units, stats, target.sparsity)
     if target.update != "none":
         return prune_with_metric_update(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
-                                     sparsity_of=sparsity_of)
+                                        sparsity_of=sparsity_of)
     if ctx.stats_mode == "sequential":
         return prune_with_metric_sequential(ctx.model, ctx.adapter, ctx.calibration, candidate, target, stats,
                                             sparsity_of=sparsity_of)

@@ -134,8 +134,10 @@ def lsq_refit_unit(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdam
     kept = ~mask
     counts = kept.sum(dim=1)
     for k in counts.unique().tolist():
+        if k == 0:  # a row with nothing kept stays zero
+            continue
         rows = (counts == k).nonzero().squeeze(1)
-        for c in range(0, len(rows) if k else 0, chunk):
+        for c in range(0, len(rows), chunk):
             r = rows[c:c + chunk]
             idx = kept[r].nonzero()[:, 1].view(len(r), k)
             # LU (linalg.solve): batched, it is ~8x faster than a batched Cholesky on CPU here
