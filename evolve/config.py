@@ -10,7 +10,7 @@ name = "smoke"
 [eval]       # what a candidate is scored on: model, corpus, mode, fitness (the split is always "valid")
 [target]     # the mode's budget: sparsity, pattern, group for "unstructured" (pruning/modes.py)
 [protocol]   # measurement protocol overrides: seq_len, calib_windows, eval_windows, seed, ...
-[search]     # the engine: problem ("metric": GP; "allocation": GA), population, generations, seed ...
+[search]     # the engine: problem ("metric": GP; "allocation": GA; "joint": both), population, generations, seed ...
 [problem]    # the problem's own options (the allocation's metric, levels, step ...)
 [backend]    # "serial" or "ray": workers, resources per worker, retries, address
 [fidelity]   # successive halving on evaluation windows (rungs = 1: off)
@@ -52,7 +52,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    problem: str = "metric"  # what is evolved: "metric" (GP over trees) or "allocation" (GA; evolve/problems.py)
+    problem: str = "metric"  # what is evolved: "metric" (GP over trees), "allocation" (GA), "joint" (both; evolve/problems.py)
     population: int = 50
     generations: int = 20
     tournament: int = 3

@@ -4,6 +4,8 @@
   evolves the metric that mode applies (`[eval] mode`).
 - `allocation`: GA over per-block sparsity levels for a fixed metric at a fixed total
   (EvoPress-style; evolve/genome.py).
+- `joint`: the metric tree and the per-block allocation in one individual (OptiShear-style;
+  evolve/joint_problem.py).
 - `experts`: GA over each MoE layer's kept experts, then merge coefficients (EEP; mode
   "experts"; evolve/experts_problem.py).
 
@@ -24,13 +26,24 @@ def _metric(config):
     return MetricProblem(config.search, config.problem)
 
 
-def _allocation(config):
+def _per_block(config) -> tuple[float, int]:
+    """(target sparsity, decoder blocks) for a problem that sets a sparsity per block."""
     spec = config.eval_spec()
     target = spec.prune_target()
     if spec.mode != "unstructured" or getattr(target, "nm", None) is not None:
-        raise ValueError("search.problem: 'allocation' sets a sparsity per block: it needs mode 'unstructured' "
-                         "with an unstructured pattern")
-    return AllocationProblem(config.search, config.problem, target.sparsity, block_count(spec.model))
+        raise ValueError(f"search.problem: {config.search.problem!r} sets a sparsity per block: it needs mode "
+                         "'unstructured' with an unstructured pattern")
+    return target.sparsity, block_count(spec.model)
+
+
+def _allocation(config):
+    return AllocationProblem(config.search, config.problem, *_per_block(config))
+
+
+def _joint(config):
+    from .joint_problem import JointProblem
+
+    return JointProblem(config.search, config.problem, *_per_block(config))
 
 
 def _experts(config):
@@ -77,7 +90,7 @@ def block_count(model: str) -> int:
     return count_blocks(model)
 
 
-PROBLEMS = {"metric": _metric, "allocation": _allocation, "experts": _experts}
+PROBLEMS = {"metric": _metric, "allocation": _allocation, "joint": _joint, "experts": _experts}
 
 
 def make_problem(config):
