@@ -1,9 +1,14 @@
-"""Export a campaign's best metrics as standalone modules (`results/metrics/<id>.py`).
+"""Export a campaign's best metrics as standalone modules (`results/metrics/<id>.py`), and the
+best allocations of an allocation or joint campaign as candidate files (`<id>.json`).
 
 Each module imports nothing but torch, defines `metric(W, G, X)` and `EXPRESSION`, and carries
 the formula and its provenance in the docstring; `resolve_metric("<id>.py:metric")` loads it
 anywhere a metric is accepted. The source is `Metric.source`, which copies the framework's own
 operator code, so the exported scores equal the framework's exactly.
+
+A candidate file is plain JSON — `{"kind": "allocation", "metric": ..., "sparsities": [...],
+"provenance": {...}}` — that any mode's `candidate()` reads where a metric is accepted (a joint
+campaign's tree is also exported as a module).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import Metric
+from prunerzero.pruning.candidates import Allocation
 
 from .config import from_dict
 
@@ -47,14 +53,29 @@ def export_run(run_dir: str | Path, top: int = 5, out_dir: str | Path = "results
         raise ValueError(f"top must be >= 1, got {top}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() else None
-    if config is not None and config.search.problem != "metric":
-        raise ValueError(f"{run_dir} evolved {config.search.problem!r} candidates, not metrics: its hall of fame "
-                         "(hall_of_fame.csv) is the result; there is no metric to export")
+    problem = config.search.problem if config is not None else "metric"
+    if problem not in ("metric", "allocation", "joint"):
+        raise ValueError(f"{run_dir} evolved {problem!r} candidates, not metrics or allocations: its hall of fame "
+                         "(hall_of_fame.csv) is the result; there is nothing to export")
     paths = []
     for row in read_hall_of_fame(run_dir)[:top]:
         metric_id = f"{run_dir.name}-{row['rank']}"
-        metric = Metric.from_expression(row["formula"], name=metric_id)
-        path = out_dir / f"{metric_id}.py"
-        atomic_write_text(path, metric.source(provenance(run_dir, row)))
-        paths.append(path)
+        tree = row["formula"].split(" @ ")[0]  # a joint campaign's formula is "tree @ [sparsities]"
+        if problem != "allocation":
+            metric = Metric.from_expression(tree, name=metric_id)
+            paths.append(out_dir / f"{metric_id}.py")
+            atomic_write_text(paths[-1], metric.source(provenance(run_dir, row)))
+        if problem != "metric":
+            data = {**allocation_data(row["key"], config.problem["metric"] if problem == "allocation" else tree),
+                    "provenance": provenance(run_dir, row)}
+            paths.append(out_dir / f"{metric_id}.json")
+            atomic_write_text(paths[-1], json.dumps(data, indent=1) + "\n")
     return paths
+
+
+def allocation_data(key: str, metric: str) -> dict:
+    """An allocation candidate's data from its key (`allocation[s0,s1,...]:<metric key>`)."""
+    if not key.startswith("allocation[") or "]:" not in key:
+        raise ValueError(f"not an allocation key: {key!r:.80}")
+    sparsities = [float(s) for s in key[len("allocation["):key.index("]:")].split(",")]
+    return Allocation(metric, tuple(sparsities)).to_data()

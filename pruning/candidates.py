@@ -137,6 +137,22 @@ def _field(data: dict, name: str, kind: type):
     return value
 
 
+def read_candidate_file(path) -> object:
+    """A candidate saved as JSON data (`prunerzero export` of an allocation or joint campaign):
+    plain data, nothing executed. Errors name the file."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CandidateError(f"{path}: not a readable candidate file ({e})") from None
+    try:
+        return decode({k: v for k, v in data.items() if k != "provenance"} if isinstance(data, dict) else data)
+    except CandidateError as e:
+        raise CandidateError(f"{path}: {e}") from None
+
+
 def decode(data: str | dict):
     """The candidate described by plain data (a string is a metric expression)."""
     if isinstance(data, str):

@@ -28,7 +28,7 @@ from prunerzero.core.fields import build
 from prunerzero.models.loading import RESHAPED
 from prunerzero.primitives.metric import resolve_metric
 
-from .candidates import Method
+from .candidates import Method, read_candidate_file
 
 
 class ModeError(ValueError):
@@ -56,9 +56,12 @@ class Mode:
             raise ModeError(f"{e} (mode {self.name!r})") from None
 
     def candidate(self, spec):
-        """A method of this mode by name, else a metric (name, expression or file)."""
+        """A method of this mode by name, a saved candidate (`.json`, e.g. an exported
+        allocation), else a metric (name, expression or file)."""
         if isinstance(spec, str) and spec.strip().lower() in self.methods:
             return self.methods[spec.strip().lower()]
+        if isinstance(spec, str) and spec.strip().endswith(".json"):
+            return read_candidate_file(spec.strip())
         return resolve_metric(spec) if isinstance(spec, str) else spec
 
 

@@ -2,6 +2,7 @@
 engine — variation keeps the total, the key joins the allocation to the tree's canonical key,
 and a joint campaign on the toy evaluator checkpoints and resumes exactly."""
 
+import json
 import random
 
 import pytest
@@ -10,12 +11,14 @@ from prunerzero.evolve.campaign import evaluator_factory, load_checkpoint, resum
 from prunerzero.evolve.config import SearchConfig
 from prunerzero.evolve.engine import Engine
 from prunerzero.evolve.evaluation import Measured
+from prunerzero.evolve.export import export_run, read_hall_of_fame
 from prunerzero.evolve.joint_problem import JointProblem
 from prunerzero.evolve.problems import TOY_BLOCKS, make_problem
 from prunerzero.evolve.toy import toy_config
 from prunerzero.fitness.evaluator import FitnessResult
 from prunerzero.primitives.metric import resolve_metric
-from prunerzero.pruning.candidates import decode
+from prunerzero.pruning.candidates import CandidateError, decode
+from prunerzero.pruning.modes import get_mode
 
 from test_evolve_campaign import QUIET, Interrupt, _hof, _rows, _search_trace
 
@@ -129,3 +132,34 @@ def test_joint_campaign_killed_and_resumed_ends_identical(joint_straight, tmp_pa
 def test_joint_needs_an_unstructured_target(tmp_path):
     with pytest.raises(ValueError, match="'joint' sets a sparsity per block"):
         make_problem(toy_config(tmp_path, **JOINT, target={"pattern": "2:4"}))
+
+
+def test_joint_export_writes_the_tree_and_the_allocation_a_mode_reads_back(joint_straight, tmp_path):
+    _, run_dir = joint_straight
+    paths = export_run(run_dir, top=2, out_dir=tmp_path)
+    rows = read_hall_of_fame(run_dir)[:2]
+    assert [p.name for p in paths] == [f"{run_dir.name}-{r['rank']}{ext}" for r in rows for ext in (".py", ".json")]
+    for (module, saved), row in zip(zip(paths[::2], paths[1::2]), rows):
+        allocation = get_mode("unstructured").candidate(str(saved))
+        assert allocation.key == row["key"]  # the same candidate the campaign measured
+        assert resolve_metric(f"{module}:metric").key == allocation.resolved.key
+        assert json.loads(saved.read_text())["provenance"]["hall of fame rank"] == row["rank"]
+
+
+def test_allocation_export_names_the_campaigns_metric(tmp_path):
+    cfg = toy_config(tmp_path, search={"problem": "allocation", "population": 6, "generations": 1, "hall_of_fame": 3},
+                     problem={"metric": "wanda", "levels": 2, "step": 0.05})
+    run_dir = run_campaign(cfg, console=QUIET)
+    (saved,) = export_run(run_dir, top=1, out_dir=tmp_path / "m")
+    allocation = get_mode("unstructured").candidate(str(saved))
+    assert allocation.metric == "wanda" and allocation.key == read_hall_of_fame(run_dir)[0]["key"]
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "not a readable candidate file"),
+                                           ('{"kind": "allocation", "metric": "wanda"}', "field 'sparsities'"),
+                                           ('{"kind": "pickle"}', "unknown candidate kind")])
+def test_a_bad_candidate_file_is_named(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(CandidateError, match=f"bad.json: .*{message}"):
+        get_mode("unstructured").candidate(str(path))
