@@ -65,7 +65,7 @@ TABLES = [
           "mobydick", ("wanda", "gradient", FOUND, RUNNER_UP),
           (("50%", unstructured(0.5)), ("2:4", unstructured(0.0, "2:4")))),
     Table("transfer-model", "Transfer, no re-search: a second model (gemma3-270m, austen)", "gemma3-270m", "austen",
-          ("wanda", "gradient", FOUND, RUNNER_UP), (("50%", unstructured(0.5)),)),
+          ("wanda", "gradient", FOUND, RUNNER_UP), (("50%", unstructured(0.5)), ("2:4", unstructured(0.0, "2:4")))),
 ]
 # which mask-only / reconstruction cells of a table are measured (skipped pairs cost minutes each)
 SKIP = {("reconstruction", "wanda", c) for c in ("50% + OBS", "50% OWL + LSQ", "2:4 + OBS", "2:4 + LSQ")} | {
