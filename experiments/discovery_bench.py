@@ -85,9 +85,9 @@ def measure_table(table: Table, board, log) -> dict[tuple[str, str], float]:
                  & (board["protocol_id"] == PROTOCOL.fingerprint()) & (board["mode"] == "unstructured")]
     known = {(r.key, r.budget): r.perplexity for r in here.itertuples()}
     dense = here["dense_perplexity"].iloc[0] if len(here) else None
-    out = {}
+    out, missing = {}, {}
     for metric in table.metrics:
-        missing = []
+        gaps = []
         for label, target in table.columns:
             if (table.name, metric, label) in SKIP or (metric == "sparsegpt" and ("+" in label or "OWL" in label)):
                 continue
@@ -95,13 +95,16 @@ def measure_table(table: Table, board, log) -> dict[tuple[str, str], float]:
             if key in known:
                 out[metric, label] = known[key]
             else:
-                missing.append((label, target))
-        if missing:
-            rows = leaderboard_rows(table.model, table.corpus, [metric], protocol=PROTOCOL,
-                                    targets=[t for _, t in missing], log=log, on_row=lambda r: lb.append([r]))
-            for (label, _), row in zip(missing, rows):
-                out[metric, label] = row["perplexity"]
-                dense = row["dense_perplexity"]
+                gaps.append(label)
+        if gaps:
+            missing.setdefault(tuple(gaps), []).append(metric)
+    targets = dict(table.columns)
+    for labels, metrics in missing.items():  # one model load and calibration per set of missing columns
+        rows = leaderboard_rows(table.model, table.corpus, metrics, protocol=PROTOCOL,
+                                targets=[targets[label] for label in labels], log=log, on_row=lambda r: lb.append([r]))
+        for (metric, label), row in zip([(m, label) for m in metrics for label in labels], rows):
+            out[metric, label] = row["perplexity"]
+            dense = row["dense_perplexity"]
     out["dense", ""] = dense
     return out
 
