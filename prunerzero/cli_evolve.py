@@ -48,10 +48,10 @@ def evolve(
 @friendly_errors
 def export(
     run_dir: Path = typer.Argument(..., help="a campaign's run directory"),
-    top: int = typer.Option(5, "--top", min=1, help="how many hall-of-fame metrics to export"),
-    out: Path = typer.Option(Path("results/metrics"), "--out", help="directory for the modules"),
+    top: int = typer.Option(5, "--top", min=1, help="how many hall-of-fame entries to export"),
+    out: Path = typer.Option(Path("results/metrics"), "--out", help="directory for the files"),
 ) -> None:
-    """Export a run's best metrics as standalone Python modules."""
+    """Export a run's best metrics as standalone Python modules (allocations as JSON candidate files)."""
     paths = export_run(run_dir, top=top, out_dir=out)
     for p in paths:
-        typer.echo(f"{p}  (use as {p}:metric)")
+        typer.echo(f"{p}  (use as {p}:metric)" if p.suffix == ".py" else f"{p}  (use as {p})")
