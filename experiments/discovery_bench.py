@@ -30,7 +30,14 @@ from prunerzero.pruning.modes import get_mode
 PROTOCOL = Protocol(seq_len=512, calib_windows=32, eval_windows=32)
 FOUND = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-1.py"  # the campaign's best (its #1)
 RUNNER_UP = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-4.py"  # its #4 (transferred best before)
-NAMES = {FOUND: "discovered #1", RUNNER_UP: "discovered #4"}
+# this stop's campaigns from scratch (experiments/smollm2-cpu-{cheap,allocation,joint}.toml), exported
+CHEAP = "results/metrics/smollm2-cpu-cheap-20261207-050009-1.py"  # the cheap-fitness campaign's #1: X*W^2, Wanda's order
+ALLOCATED = "results/metrics/smollm2-cpu-allocation-20261207-051439-1.json"  # discovered #1 under its evolved per-block allocation
+JOINT = "results/metrics/smollm2-cpu-joint-20261207-052403-1.json"  # the joint campaign's #1: tree and allocation
+JOINT_TREE = "results/metrics/smollm2-cpu-joint-20261207-052403-1.py"  # its tree alone, uniform
+NAMES = {FOUND: "discovered #1", RUNNER_UP: "discovered #4", CHEAP: "cheap-fitness #1",
+         ALLOCATED: "discovered #1, evolved allocation", JOINT: "joint #1 (tree + allocation)",
+         JOINT_TREE: "joint #1's tree, uniform"}
 
 
 def unstructured(sparsity: float, pattern: str = "unstructured", **extra) -> dict:
@@ -52,7 +59,12 @@ MASK_TARGETS = (("50%", unstructured(0.5)), ("60%", unstructured(0.6)), ("70%", 
                 ("70% OWL", unstructured(0.7, allocation="owl")), ("2:4", unstructured(0.0, "2:4")))
 TABLES = [
     Table("mask", "Mask-only metrics, uniform and OWL allocation (smollm2-135m, austen test split)",
-          "smollm2-135m", "austen", ("wanda", "gradient", FOUND, RUNNER_UP), MASK_TARGETS),
+          "smollm2-135m", "austen", ("wanda", "gradient", FOUND, RUNNER_UP, CHEAP, JOINT_TREE), MASK_TARGETS),
+    Table("allocation", "Non-uniform sparsity at 50%: uniform, OWL, the evolved allocation for a fixed metric, and "
+          "the metric and allocation searched jointly (smollm2-135m, austen)", "smollm2-135m", "austen",
+          ("wanda", FOUND, ALLOCATED, JOINT, JOINT_TREE),
+          (("50%", unstructured(0.5)), ("50% OWL", unstructured(0.5, allocation="owl")),
+           ("50% + LSQ", unstructured(0.5, update="lsq")))),
     Table("reconstruction", "With reconstruction: a metric's masks with the kept weights refit (SparseGPT's OBS update, "
           "or the exact least-squares refit), against SparseGPT (smollm2-135m, austen)", "smollm2-135m", "austen",
           ("sparsegpt", "wanda", FOUND),
@@ -62,16 +74,29 @@ TABLES = [
            ("2:4", unstructured(0.0, "2:4")), ("2:4 + OBS", unstructured(0.0, "2:4", update="obs")),
            ("2:4 + LSQ", unstructured(0.0, "2:4", update="lsq")))),
     Table("transfer", "Transfer, no re-search: smollm2-135m on a second corpus (mobydick)", "smollm2-135m",
-          "mobydick", ("wanda", "gradient", FOUND, RUNNER_UP),
+          "mobydick", ("wanda", "gradient", FOUND, RUNNER_UP, ALLOCATED, JOINT),
           (("50%", unstructured(0.5)), ("2:4", unstructured(0.0, "2:4")))),
     Table("transfer-model", "Transfer, no re-search: a second model (gemma3-270m, austen)", "gemma3-270m", "austen",
-          ("wanda", "gradient", FOUND, RUNNER_UP), (("50%", unstructured(0.5)), ("2:4", unstructured(0.0, "2:4")))),
+          ("wanda", "gradient", FOUND, RUNNER_UP, JOINT_TREE),
+          (("50%", unstructured(0.5)), ("2:4", unstructured(0.0, "2:4")))),
 ]
-# which mask-only / reconstruction cells of a table are measured (skipped pairs cost minutes each)
+# which cells are measured (skipped pairs cost minutes each)
 SKIP = {("reconstruction", "wanda", c) for c in ("50% + OBS", "50% OWL + LSQ", "2:4 + OBS", "2:4 + LSQ")} | {
     ("mask", "gradient", c) for c in ("50% OWL", "60% OWL", "70% OWL")} | {
-    ("mask", RUNNER_UP, c) for c in ("60%", "70%", "60% OWL", "70% OWL")} | {("reconstruction", FOUND, "2:4 + OBS")}
+    ("mask", m, c) for m in (CHEAP, JOINT_TREE) for c in ("60%", "70%", "50% OWL", "60% OWL", "70% OWL")} | {
+    ("mask", RUNNER_UP, c) for c in ("60%", "70%", "60% OWL", "70% OWL")} | {("reconstruction", FOUND, "2:4 + OBS")} | {
+    ("allocation", m, "50% + LSQ") for m in ("wanda", FOUND, JOINT, JOINT_TREE)} | {
+    ("allocation", JOINT_TREE, "50% OWL")}
 
+
+def measured(table: Table, metric: str, label: str) -> bool:
+    if (table.name, metric, label) in SKIP:
+        return False
+    if metric == "sparsegpt":  # a method: its own update, uniform
+        return "+" not in label and "OWL" not in label
+    if metric.endswith(".json"):  # an allocation: its own sparsity per block, at the total it was evolved for
+        return label in ("50%", "50% + LSQ")
+    return True
 
 def cell_key(mode, metric: str, target: dict) -> tuple[str, str]:
     """(metric key, budget) as the leaderboard writes them."""
@@ -89,7 +114,7 @@ def measure_table(table: Table, board, log) -> dict[tuple[str, str], float]:
     for metric in table.metrics:
         gaps = []
         for label, target in table.columns:
-            if (table.name, metric, label) in SKIP or (metric == "sparsegpt" and ("+" in label or "OWL" in label)):
+            if not measured(table, metric, label):
                 continue
             key = cell_key(mode, metric, target)
             if key in known:
@@ -142,6 +167,10 @@ def main(argv=None) -> None:
              f"machine {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.", "",
              f"Protocol: {PROTOCOL.describe()}, test split; 50/60/70% per output row. Discovered #1 and #4: "
              f"`{FOUND}` and `{RUNNER_UP}` (the 48x20 CPU campaign, fitted at 50% on 16x256 valid tokens). "
+             f"Cheap-fitness #1: `{CHEAP}` (the same campaign from scratch with the chosen fitness, 4x128 valid tokens; "
+             f"experiments/smollm2-cpu-cheap.toml). Evolved allocation: `{ALLOCATED}` (discovered #1 with one sparsity "
+             f"per block, a GA at 50% on 8x128 valid tokens; experiments/smollm2-cpu-allocation.toml). Joint #1: "
+             f"`{JOINT}` (tree and allocation searched together from scratch; experiments/smollm2-cpu-joint.toml). "
              "OWL: per-block sparsity by outlier ratio at the same total. OBS: the metric's masks, the kept weights "
              "updated by SparseGPT's blockwise optimal-brain-surgeon step on the pruned prefix's inputs; LSQ: the kept "
              "weights of each row refit jointly by damped least squares on those inputs (`update=lsq`). A dash: not "
