@@ -186,13 +186,17 @@ def search_throughput(spec: EvalSpec, size: dict, repeats: int, today: Evaluator
         cheap_spec = replace(spec, fitness=cheap_spec.fitness, protocol=spec.protocol.with_(eval_windows=1))
     cheap = Evaluator(cheap_spec, needs=frozenset("WGX"))
     metric = resolve_metric(METRIC)
-    evals = {"today": [], "cheap": []}
-    for rep in range(repeats + 1):
-        t_today = timed(lambda: today.evaluate(metric))[0]
-        t_cheap = timed(lambda: cheap.evaluate(metric))[0]
-        if rep:
-            evals["today"].append(t_today)
-            evals["cheap"].append(t_cheap)
+    evals = {"today": [], "cheap": [], "today_1t": [], "cheap_1t": []}
+    threads = torch.get_num_threads()
+    for suffix, n in (("", threads), ("_1t", 1)):  # as one evaluator with every core; as a 1-CPU Ray worker
+        torch.set_num_threads(n)
+        for rep in range(repeats + 1):
+            t_today = timed(lambda: today.evaluate(metric))[0]
+            t_cheap = timed(lambda: cheap.evaluate(metric))[0]
+            if rep:
+                evals["today" + suffix].append(t_today)
+                evals["cheap" + suffix].append(t_cheap)
+    torch.set_num_threads(threads)
     drivers = {workers: _driver_seconds(size, workers) for workers in (0, os.cpu_count() or 1)}
     return {"today": today.spec, "cheap": cheap_spec, "evals": evals, "cheap_costs": candidate_costs(cheap, repeats),
             "cheap_tokens": int(cheap.windows.numel()), "drivers": drivers}

@@ -35,10 +35,12 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert len(spared) == 2 and all(0 <= x <= 100 for x in spared)  # tree by tree; windows with successive halving
     kernels = re.findall(r"\| ([\d.]+) \| [^|]+ \| ([\d.]+) \| ([\d.]+)x \|", text)
     assert len(kernels) == 4 and all(float(base) > 0 and float(chosen) > 0 for base, chosen, _ in kernels)
-    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 7  # each target, met or not
-    drivers = re.findall(r"\| (in the driver|\d+) \| 2 \| \d+ \| \d+ \| [\d.]+ \| ([\d.]+) \|.*\| ([\d.]+) \|", text)
+    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 9  # each target, met or not
+    assert re.search(r"\*\*[\d.]+x\*\* the candidates per CPU-hour", text)  # as 1-thread Ray workers run
+    drivers = re.findall(r"\| (in the driver|\d+) \| 2 \| \d+ \| \d+ \| [\d.]+ \| ([\d.]+) \|.*\| ([\d.]+)% \| ([\d.]+) \|",
+                         text)
     assert len(drivers) == 2 and drivers[0][0] == "in the driver" and drivers[1][0].isdigit()  # then in workers
-    assert all(float(ms) > 0 for _, ms, _ in drivers) and float(drivers[1][2]) > 0
+    assert all(float(ms) > 0 and float(share) > 0 for _, ms, share, _ in drivers) and float(drivers[1][3]) > 0
     params = float(re.search(r"parameters alone: (\d+) MiB", text).group(1))
     loaded = float(re.search(r"\| loading an evaluator \| (\d+) \|", text).group(1))
     assert loaded >= params  # the process held at least the parameters
@@ -48,7 +50,7 @@ def test_bench_runs_only_the_sections_asked(tmp_path):
     text = _tiny_report(tmp_path, "--sections", "f")
     assert "--sections f" in text and "## f. Kernel choices, side by side" in text
     assert "## a. Per-candidate" not in text and "## c. Ray scaling" not in text and "## d. Search" not in text
-    assert len(re.findall(r"\| not run \|", text)) == 7  # no section asked measures a target
+    assert len(re.findall(r"\| not run \|", text)) == 9  # no section asked measures a target
 
 
 def test_bench_refuses_unknown_sections():
