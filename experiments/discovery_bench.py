@@ -87,7 +87,7 @@ SKIP = {("reconstruction", "wanda", c) for c in ("50% + OBS", "50% OWL + LSQ", "
     ("mask", JOINT_TREE, c) for c in ("60%", "70%", "50% OWL", "60% OWL", "70% OWL")} | {
     ("reconstruction", CHEAP, c) for c in ("50% + OBS", "50% + LSQ", "50% OWL + LSQ", "2:4 + OBS")} | {
     ("mask", RUNNER_UP, c) for c in ("60%", "70%", "60% OWL", "70% OWL")} | {("reconstruction", FOUND, "2:4 + OBS")} | {
-    ("allocation", m, "50% + LSQ") for m in ("wanda", FOUND, JOINT, JOINT_TREE)} | {
+    ("allocation", m, "50% + LSQ") for m in (JOINT, JOINT_TREE)} | {
     ("allocation", JOINT_TREE, "50% OWL")}
 
 
