@@ -173,6 +173,8 @@ def main(argv=None) -> None:
              f"generations in 24 min; experiments/smollm2-cpu-cheap.toml, extended with `--generations 40`). Evolved allocation: `{ALLOCATED}` (discovered #1 with one sparsity "
              f"per block, a GA at 50% on 8x128 valid tokens; experiments/smollm2-cpu-allocation.toml). Joint #1: "
              f"`{JOINT}` (tree and allocation searched together from scratch; experiments/smollm2-cpu-joint.toml). "
+             "An allocation rounds each row's pruned count down, so it prunes a little under the total (the evolved "
+             "allocation 49.95%: results/leaderboard.csv, achieved_sparsity). "
              "OWL: per-block sparsity by outlier ratio at the same total. OBS: the metric's masks, the kept weights "
              "updated by SparseGPT's blockwise optimal-brain-surgeon step on the pruned prefix's inputs; LSQ: the kept "
              "weights of each row refit jointly by damped least squares on those inputs (`update=lsq`). A dash: not "
