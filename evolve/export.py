@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import Metric
-from prunerzero.pruning.candidates import Allocation
+from prunerzero.pruning.candidates import Allocation, key_sparsities
 
 from .config import from_dict
 
@@ -66,16 +66,8 @@ def export_run(run_dir: str | Path, top: int = 5, out_dir: str | Path = "results
             paths.append(out_dir / f"{metric_id}.py")
             atomic_write_text(paths[-1], metric.source(provenance(run_dir, row)))
         if problem != "metric":
-            data = {**allocation_data(row["key"], config.problem["metric"] if problem == "allocation" else tree),
-                    "provenance": provenance(run_dir, row)}
+            metric = config.problem["metric"] if problem == "allocation" else tree
+            data = {**Allocation(metric, key_sparsities(row["key"])).to_data(), "provenance": provenance(run_dir, row)}
             paths.append(out_dir / f"{metric_id}.json")
             atomic_write_text(paths[-1], json.dumps(data, indent=1) + "\n")
     return paths
-
-
-def allocation_data(key: str, metric: str) -> dict:
-    """An allocation candidate's data from its key (`allocation[s0,s1,...]:<metric key>`)."""
-    if not key.startswith("allocation[") or "]:" not in key:
-        raise ValueError(f"not an allocation key: {key!r:.80}")
-    sparsities = [float(s) for s in key[len("allocation["):key.index("]:")].split(",")]
-    return Allocation(metric, tuple(sparsities)).to_data()

@@ -97,9 +97,6 @@ class JointProblem(MetricProblem):
     def describe(self, ind) -> str:
         return f"{ind} @ {self.allocation.describe(ind.genes)}"
 
-    def size(self, ind) -> int:
-        return len(ind)
-
     def fields(self, ind) -> dict:
         return {**super().fields(ind), "genes": " ".join(map(str, ind.genes))}
 

@@ -181,14 +181,15 @@ def throughput_numbers(t) -> dict:
     pooled = t["drivers"][max(t["drivers"])]
     e = t["evals"]
     one = bool(e.get("today_1t"))  # reports before the 1-thread measurement have none
+    cheap_1t = statistics.median(e["cheap_1t"]) if one else None
     return {"today": today, "cheap": cheap,
             "speedup": statistics.median(a / b for a, b in zip(e["today"], e["cheap"])),
             "today_1t": statistics.median(e["today_1t"]) if one else None,
-            "cheap_1t": statistics.median(e["cheap_1t"]) if one else None,
+            "cheap_1t": cheap_1t,
             "speedup_1t": statistics.median(a / b for a, b in zip(e["today_1t"], e["cheap_1t"])) if one else None,
             "overhead": paired_ratio(t["cheap_costs"], PRUNE_STEPS, "forward"),
             "driver_share": pooled["per_candidate"] / cheap,
-            "driver_share_1t": pooled["per_candidate"] / statistics.median(e["cheap_1t"]) if one else None}
+            "driver_share_1t": pooled["per_candidate"] / cheap_1t if one else None}
 
 
 def _describe(spec) -> str:
@@ -215,9 +216,7 @@ def throughput_section(t) -> list[str]:
                   f"| today: {_describe(t['today'])} | {n['today_1t']:.2f} | {3600 / n['today_1t']:.0f} |",
                   f"| chosen: {_describe(t['cheap'])} | {n['cheap_1t']:.2f} | {3600 / n['cheap_1t']:.0f} |", "",
                   f"**{n['speedup_1t']:.1f}x** the candidates per CPU-hour.", ""]
-    lines += [
-
-             f"The chosen fitness's cost per candidate ({t['cheap_tokens']} tokens, every core):", "",
+    lines += [f"The chosen fitness's cost per candidate ({t['cheap_tokens']} tokens, every core):", "",
              "| step | median ms | share of the forward |", "|---|---:|---:|"]
     for k in (*PRUNE_STEPS, "forward", "evaluate"):
         lines.append(f"| {k} | {costs[k]:.1f} | {costs[k] / costs['forward']:.1%} |")

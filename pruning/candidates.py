@@ -86,6 +86,13 @@ def allocation_key(sparsities, metric_key: str) -> str:
     return f"allocation[{','.join(f'{s:.6g}' for s in sparsities)}]:{metric_key}"
 
 
+def key_sparsities(key: str) -> tuple[float, ...]:
+    """The sparsities an `allocation_key` holds."""
+    if not key.startswith("allocation[") or "]:" not in key:
+        raise CandidateError(f"not an allocation key: {key!r:.80}")
+    return tuple(float(s) for s in key[len("allocation["):key.index("]:")].split(","))
+
+
 @dataclass(frozen=True, eq=False)
 class MaskSet:
     """Masks given directly (True = pruned), by unit name: the output of an optimiser, say."""
@@ -148,7 +155,7 @@ def read_candidate_file(path) -> object:
     except (OSError, json.JSONDecodeError) as e:
         raise CandidateError(f"{path}: not a readable candidate file ({e})") from None
     try:
-        return decode({k: v for k, v in data.items() if k != "provenance"} if isinstance(data, dict) else data)
+        return decode(data)  # fields a kind does not read (the export's provenance) are left alone
     except CandidateError as e:
         raise CandidateError(f"{path}: {e}") from None
 
