@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
+import re
 from pathlib import Path
 
 from prunerzero.core.paths import atomic_write_text
@@ -22,6 +25,14 @@ from prunerzero.primitives.metric import Metric
 from prunerzero.pruning.candidates import Allocation, key_sparsities
 
 from .config import from_dict
+
+
+class ExportError(ValueError):
+    """A run directory whose contents cannot be exported as they are; the message names the field."""
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a run directory name that may become a file name
+_COUNT = re.compile(r"[0-9]{1,9}")  # a rank, generation or window count: digits only (no sign, no path)
 
 
 def read_hall_of_fame(run_dir: Path) -> list[dict]:
@@ -32,23 +43,66 @@ def read_hall_of_fame(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _count(row: dict, field: str, where: str, least: int) -> int:
+    value = row.get(field)
+    if not isinstance(value, str) or not _COUNT.fullmatch(value) or int(value) < least:
+        raise ExportError(f"{where}: {field} {value!r:.80} is not an integer >= {least}")
+    return int(value)
+
+
+def _checked_row(row: dict, where: str) -> dict:
+    """The hall-of-fame fields an export uses, as numbers where numbers belong: a shared run
+    directory is data, and its values reach file names and generated source."""
+    try:
+        fitness = float(row.get("fitness"))
+    except (TypeError, ValueError):
+        fitness = math.nan
+    if not math.isfinite(fitness):
+        raise ExportError(f"{where}: fitness {row.get('fitness')!r:.80} is not a finite number")
+    for field in ("formula", "key"):
+        if not isinstance(row.get(field), str):
+            raise ExportError(f"{where}: no {field} column")
+    return {"rank": _count(row, "rank", where, 1), "generation": _count(row, "generation", where, 0),
+            "windows": _count(row, "windows", where, 1), "fitness": fitness,
+            "formula": row["formula"], "key": row["key"]}
+
+
+def _run_name(run_dir: Path) -> str:
+    name = run_dir.resolve().name
+    if not RUN_NAME.fullmatch(name):
+        raise ExportError(f"run directory name {name!r:.80} is not a plain name ({RUN_NAME.pattern}): "
+                          "its exported files are named after it; rename the directory")
+    return name
+
+
+def _inside(out_dir: Path, name: str) -> Path:
+    """out_dir / name, refused unless it lies directly in out_dir (the file itself is replaced,
+    not followed, by the atomic write: only its folder is resolved)."""
+    folder = out_dir.resolve()
+    if Path(os.path.normpath(folder / name)).parent != folder:
+        raise ExportError(f"{name!r:.80} would be written outside {out_dir}; nothing was written")
+    return out_dir / name
+
+
 def provenance(run_dir: Path, row: dict) -> dict:
+    """Where an exported metric comes from; `row` is a checked hall-of-fame row (_checked_row)."""
     config = from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     spec = config.eval_spec()
     return {
-        "campaign": f"{config.name} (run {Path(run_dir).name})",
+        "campaign": f"{config.name} (run {_run_name(Path(run_dir))})",
         "model": spec.model,
         "corpus": spec.corpus,
         "target": spec.describe_target(),
         "protocol": f"{config.protocol.describe()} (fingerprint {config.protocol.fingerprint()})",
-        "fitness": f"{spec.fitness} {float(row['fitness']):.6g} on the {spec.split} split, {row['windows']} windows",
-        "generation": row["generation"],
-        "hall of fame rank": row["rank"],
+        "fitness": f"{spec.fitness} {row['fitness']:.6g} on the {spec.split} split, {row['windows']} windows",
+        "generation": str(row["generation"]),
+        "hall of fame rank": str(row["rank"]),
     }
 
 
 def export_run(run_dir: str | Path, top: int = 5, out_dir: str | Path = "results/metrics") -> list[Path]:
-    """Write the `top` hall-of-fame metrics of a run as modules; return their paths."""
+    """Write the `top` hall-of-fame metrics of a run as modules; return their paths. Every row is
+    checked before anything is written, so a bad row leaves no partial export."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -57,17 +111,29 @@ def export_run(run_dir: str | Path, top: int = 5, out_dir: str | Path = "results
     if problem not in ("metric", "allocation", "joint"):
         raise ValueError(f"{run_dir} evolved {problem!r} candidates, not metrics or allocations: its hall of fame "
                          "(hall_of_fame.csv) is the result; there is nothing to export")
-    paths = []
-    for row in read_hall_of_fame(run_dir)[:top]:
-        metric_id = f"{run_dir.name}-{row['rank']}"
-        tree = row["formula"].split(" @ ")[0]  # a joint campaign's formula is "tree @ [sparsities]"
+    name = _run_name(run_dir)
+    files = [file for i, row in enumerate(read_hall_of_fame(run_dir)[:top], start=1)
+             for file in _files(run_dir, name, problem, config, _checked_row(row, f"hall_of_fame.csv row {i}"))]
+    paths = [_inside(out_dir, file_name) for file_name, _ in files]
+    for path, (_, text) in zip(paths, files):
+        atomic_write_text(path, text)
+    return paths
+
+
+def _files(run_dir: Path, name: str, problem: str, config, row: dict) -> list[tuple[str, str]]:
+    """(file name, text) of one checked hall-of-fame row: a module, a candidate file, or both."""
+    metric_id = f"{name}-{row['rank']}"
+    where = f"hall_of_fame.csv rank {row['rank']}"
+    tree = row["formula"].split(" @ ")[0]  # a joint campaign's formula is "tree @ [sparsities]"
+    origin = provenance(run_dir, row)
+    out = []
+    try:
         if problem != "allocation":
-            metric = Metric.from_expression(tree, name=metric_id)
-            paths.append(out_dir / f"{metric_id}.py")
-            atomic_write_text(paths[-1], metric.source(provenance(run_dir, row)))
+            out.append((f"{metric_id}.py", Metric.from_expression(tree, name=metric_id).source(origin)))
         if problem != "metric":
             metric = config.problem["metric"] if problem == "allocation" else tree
-            data = {**Allocation(metric, key_sparsities(row["key"])).to_data(), "provenance": provenance(run_dir, row)}
-            paths.append(out_dir / f"{metric_id}.json")
-            atomic_write_text(paths[-1], json.dumps(data, indent=1) + "\n")
-    return paths
+            data = {**Allocation(metric, key_sparsities(row["key"])).to_data(), "provenance": origin}
+            out.append((f"{metric_id}.json", json.dumps(data, indent=1) + "\n"))
+    except ValueError as e:  # a formula that does not parse, sparsities that are not sparsities
+        raise ExportError(f"{where}: {e}") from None
+    return out
