@@ -20,7 +20,12 @@ def sha256(data: bytes) -> str:
 
 
 def set_aside(path: Path, why: str, log=print, then: str = "recomputing") -> Path:
-    """Rename a corrupt file or directory out of the cache's way; return where it went."""
+    """Rename a corrupt file or directory out of the cache's way; return where it went.
+
+    Only for what the project wrote: a caller sets aside a file at a path of its own making (in
+    the cache folder, named by its key) or one that carries its mark (the fitness cache's SQLite
+    application_id). A file a user named (a config's path) that is not recognisably the project's
+    is an error naming it, never renamed."""
     path = Path(path)
     target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prunerzero.core.integrity import set_aside
+from prunerzero.core.integrity import CorruptCache, set_aside, sha256
 from prunerzero.core.paths import atomic_write_bytes, cache_dir
 import torch
 
@@ -291,19 +291,51 @@ def _cached_token_ids(corpus: CorpusText, tokenizer) -> torch.Tensor:
     text_sha = hashlib.sha256(corpus.text.encode("utf-8")).hexdigest()
     key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}:{text_sha}".encode()).hexdigest()[:16]
     path = cache_dir("tokens") / f"{corpus.name}-{key}.pt"
+    vocab = _vocab_size(tokenizer)
     if path.is_file():
         try:
-            ids = torch.load(path, weights_only=True)  # tensors only: loading runs no code
-            if isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 1 and len(ids):
+            ids = _load_token_ids(path, vocab)
+            if ids is not None:
                 return ids
-            why = "not a 1-D tensor of token ids"
-        except Exception as e:  # torch raises many types for a damaged zip
-            why = f"{type(e).__name__}: {str(e)[:200]}"
-        set_aside(path, why, warnings.warn)
+        except CorruptCache as e:
+            set_aside(path, str(e), warnings.warn)
     ids = tokenize(corpus.text, tokenizer)
+    _save_token_ids(path, ids)
+    return ids
+
+
+def _vocab_size(tokenizer) -> int:
+    """One more than the largest id the tokenizer gives (its vocabulary with added tokens)."""
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+def _ids_sha(ids: torch.Tensor) -> str:
+    return sha256(ids.numpy().tobytes())
+
+
+def _save_token_ids(path: Path, ids: torch.Tensor) -> None:
     buf = io.BytesIO()
-    torch.save(ids, buf)
+    torch.save({"ids": ids, "sha256": _ids_sha(ids)}, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_token_ids(path: Path, vocab: int) -> torch.Tensor | None:
+    """The ids the cache holds, verified: their checksum (one changed id changes every perplexity
+    silently) and their range (an id beyond the vocabulary fails in the embedding, every run).
+    None for a cache of the version before checksums (a bare tensor): tokenized again, replaced."""
+    try:
+        doc = torch.load(path, weights_only=True)  # tensors and plain data only: loading runs no code
+    except Exception as e:  # torch raises many types for a damaged zip
+        raise CorruptCache(f"{type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(doc, torch.Tensor):
+        return None
+    ids = doc.get("ids") if isinstance(doc, dict) else None
+    if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 1 and len(ids)):
+        raise CorruptCache("not a checksummed 1-D tensor of token ids")
+    if doc.get("sha256") != _ids_sha(ids):
+        raise CorruptCache("checksum mismatch")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise CorruptCache(f"ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab})")
     return ids
 
 
