@@ -199,4 +199,8 @@ def load_config(path: str | Path) -> CampaignConfig:
         raise ConfigError(f"campaign config {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(data)
+    config = from_dict(data)  # unknown keys (a misspelt table) are named first
+    if "search" not in data:  # an empty file, or one without its search, would start a default campaign
+        raise ConfigError(f"{path}: no [search] table{' (the file is empty)' if not data else ''}; a campaign "
+                          "config names at least its search (e.g. [search] generations = 10): see experiments/smoke.toml")
+    return config

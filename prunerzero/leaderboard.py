@@ -9,6 +9,11 @@ Reading validates: every row must have its identity and a number where a number 
 damaged file (a text value in a perplexity cell, a row torn at a field boundary) is an error
 naming the line, and nothing is written over it. A file of an earlier version (before modes:
 no `mode` and `budget` columns) is read as unstructured rows and upgraded on the next write.
+
+Writing keeps what reading needs: a perplexity that is not a number (a model the pruning broke)
+is written as `nan`, which reads back, not as an empty cell, which reads as a torn row. A row
+whose achieved sparsity is not its budget's (an allocation file carries its own sparsities) is
+refused: its budget would label another experiment.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ NUMERIC = ["sparsity", "perplexity", "dense_perplexity", "achieved_sparsity", "p
            "dense_decode_tokens_per_s", "peak_mem_mb",
            "calib_tokens", "eval_tokens", "seed", "seconds"]
 DEFAULT_PATH = Path("results/leaderboard.csv")
+# |sparsity - achieved_sparsity| a row may show: per-row rounding of the kept count (under 0.001
+# on the zoo's models); an allocation of another mean sparsity is off by far more
+SPARSITY_TOLERANCE = 0.01
 
 
 class LeaderboardError(ValueError):
@@ -120,19 +128,44 @@ def append(rows: list[dict], path: Path = DEFAULT_PATH) -> pd.DataFrame:
     missing = [c for c in IDENTITY if any(c not in r for r in rows)]
     if missing:
         raise LeaderboardError(f"leaderboard rows lack identity column(s) {missing}")
+    for r in rows:
+        _check_sparsity(r)
     new = _upgrade(pd.DataFrame(rows).reindex(columns=COLUMNS).fillna({"mode": "", "budget": ""}))
     with _locked(path):
         merged = merge(read(path), new)
         buf = io.StringIO()
-        merged.to_csv(buf, index=False)
+        _as_written(merged).to_csv(buf, index=False)
         atomic_write_text(path, buf.getvalue())
     return merged
+
+
+def _check_sparsity(row: dict) -> None:
+    """Refuse a row pruned at another sparsity than its budget names."""
+    try:
+        budget, achieved = float(row.get("sparsity")), float(row.get("achieved_sparsity"))
+    except (TypeError, ValueError):
+        return  # a mode without a weight sparsity, or none measured
+    if abs(budget - achieved) > SPARSITY_TOLERANCE:  # false for NaN: nothing to compare
+        raise LeaderboardError(
+            f"{row.get('metric')!s:.80} ({row.get('mode')}: {row.get('budget')}): pruned at sparsity {achieved:.4g}, "
+            f"not the budget's {budget:g} (an allocation file sets its own sparsities): give the budget it was "
+            "pruned at; nothing was written")
+
+
+def _as_written(df: pd.DataFrame) -> pd.DataFrame:
+    """A required number that is NaN as `nan`: an empty cell there reads as a torn row."""
+    out = df.copy()
+    for c in REQUIRED:
+        if c in NUMERIC:
+            out[c] = out[c].astype(object).where(out[c].notna(), "nan")
+    return out
 
 
 def best(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """The lowest-perplexity row per setting (model, corpus, protocol, split, mode, budget)."""
     by = by or ["model", "corpus", "protocol_id", "split", "mode", "budget"]
-    return df.loc[df.groupby(by, dropna=False)["perplexity"].idxmin()].reset_index(drop=True)
+    measured = df[df["perplexity"].notna()]  # a NaN perplexity (a broken model) is never a setting's best
+    return measured.loc[measured.groupby(by, dropna=False)["perplexity"].idxmin()].reset_index(drop=True)
 
 
 def _label(name: str, width: int = 28) -> str:
