@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from prunerzero.models.structure import Experts
 
@@ -232,8 +233,6 @@ def alignment(layer: Experts, into: int, e: int) -> torch.Tensor:
     """The permutation of expert e's neurons that best matches expert `into`'s (cosine of their
     gate, up and down weights, Hungarian assignment): permuting an expert's neurons leaves it
     the same function, and averaging matched neurons merges like with like."""
-    from scipy.optimize import linear_sum_assignment
-
     a = F.normalize(neuron_features(layer, into), dim=1)
     b = F.normalize(neuron_features(layer, e), dim=1)
     _, cols = linear_sum_assignment((a @ b.T).numpy(), maximize=True)
