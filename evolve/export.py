@@ -9,6 +9,12 @@ operator code, so the exported scores equal the framework's exactly.
 A candidate file is plain JSON — `{"kind": "allocation", "metric": ..., "sparsities": [...],
 "provenance": {...}}` — that any mode's `candidate()` reads where a metric is accepted (a joint
 campaign's tree is also exported as a module).
+
+A run directory may come from anyone, so its values are data until checked: rank, generation and
+windows are integers, fitness a finite number, the formula an expression the safe parser accepts,
+the directory's name a plain name; every file lands directly in `out_dir`, and text that reaches
+the module's docstring is escaped there (`Metric.source`). Otherwise the export names the row and
+field and writes nothing.
 """
 
 from __future__ import annotations
