@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: one line per event in a pipe or log file
 
 USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)
 MAX_MESSAGE = 2000  # an error about a 50 KB expression need not print it whole

@@ -14,9 +14,13 @@ a linear program in binaries (MDP's Pyomo/MINLP formulation, linearised), solved
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import highspy
 import numpy as np
 
 SOLVERS = ("milp", "greedy", "uniform")
@@ -93,13 +97,33 @@ def select(opts: Options, budget: float, solver: str = "milp", time_limit: float
     return solve_greedy(opts, budget) if solver == "greedy" else solve_uniform(opts, budget)
 
 
-def solve_milp(opts: Options, budget: float, time_limit: float = 60.0) -> Selection:
-    import highspy
+@contextmanager
+def _stdout_silenced():
+    """HiGHS prints its banner from C onto file descriptor 1 when an instance is made, before any
+    option can turn output off: send that descriptor to /dev/null meanwhile (logs stay one line
+    per event)."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
+
+def _highs() -> highspy.Highs:
+    with _stdout_silenced():
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    return h
+
+
+def solve_milp(opts: Options, budget: float, time_limit: float = 60.0) -> Selection:
     t0 = time.perf_counter()
     n, na, nm = len(opts.rest), opts.attn_latency.shape[1], opts.mlp_latency.shape[1]
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _highs()
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 0.0)
     x = [[h.addBinary() for _ in range(na)] for _ in range(n)]
