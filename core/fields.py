@@ -70,7 +70,19 @@ def parse_assignments(cls, pairs: list[str], where: str = "--set", error: type[E
             known = ", ".join(f.name for f in dataclasses.fields(cls))
             raise error(f"{where} {key}: unknown key; known: {known}")
         out[key] = _parse(text.strip(), hints[key], f"{where} {key}", error)
+        _check_given(cls, key, out[key], f"{where} {key}", error)
     return out
+
+
+def _check_given(cls, key: str, value, path: str, error) -> None:
+    """A field whose default is a sentinel (`0`: "the model's") says, in its metadata, the least
+    value a user may write (`field(default=0, metadata={"given_min": 1, "default_means": ...})`):
+    writing the sentinel by hand is refused rather than silently meaning the default."""
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+    least = meta.get("given_min")
+    if least is not None and value < least:
+        raise error(f"{path}: {value} is not allowed (at least {least}); leave it out for "
+                    f"{meta.get('default_means', 'the default')}")
 
 
 def _parse(text: str, kind, path: str, error):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,7 +56,8 @@ class ExpertsTarget:
     experts: int = 4  # experts kept per MoE layer (with allocation "global": on average)
     per_layer: str = ""  # experts kept in each MoE layer, comma-separated (overrides `experts`)
     allocation: str = "uniform"  # "global": experts x layers kept in total, ranked across layers
-    top_k: int = 0  # experts active per token after pruning; 0: the model's (at most the kept count)
+    # experts active per token after pruning; 0: the model's (at most the kept count), never written by hand
+    top_k: int = field(default=0, metadata={"given_min": 1, "default_means": "the model's own top-k"})
     merge: str = "none"  # "aligned": removed experts averaged into kept ones (routing-mass weights);
     # "refit": what the removed experts did folded into the kept ones' down projections by least squares
     merge_weight: float = 1.0  # a merged expert's routing mass counts this much beside the kept one's

@@ -55,3 +55,14 @@ def test_a_campaign_file_with_an_empty_search_table_takes_the_defaults(tmp_path)
     path = tmp_path / "campaign.toml"
     path.write_text('[eval]\nmodel = "toy"\n[search]\n')
     assert load_config(path).search.generations >= 0
+
+
+def test_top_k_zero_written_by_hand_is_refused_naming_the_field():
+    """0 is the experts target's sentinel for "the model's top-k": written with --set it used to
+    be accepted silently, and the saved model kept top-2."""
+    from prunerzero.core.fields import parse_assignments
+    from prunerzero.pruning.experts import ExpertsTarget
+
+    assert parse_assignments(ExpertsTarget, ["top_k=1"]) == {"top_k": 1}
+    with pytest.raises(ValueError, match=r"--set top_k: 0 is not allowed .*the model's own top-k"):
+        parse_assignments(ExpertsTarget, ["top_k=0"])
