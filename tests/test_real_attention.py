@@ -17,12 +17,17 @@ def test_attention_mode_on_smollm2_prunes_qk_exactly_and_lowers_the_attention_er
     dense = ev.measure().perplexity
     result = ev.evaluate(ev.candidate("wanda"))
     assert result.status == "ok", result.reason
+    others = {u.name: u.weight.clone() for u in ev.units if u.role not in ("q", "k")}
     report = ev.prune(ev.candidate("wanda"))
     try:
-        for unit in ev.units:
-            zeros = (unit.weight == 0).sum(dim=1)
-            expected = unit.shape[1] // 2 if unit.role in ("q", "k") else 0
-            assert torch.all(zeros == expected) or unit.role not in ("q", "k"), unit.name
+        qk = [u for u in ev.units if u.role in ("q", "k")]
+        assert len(qk) == 2 * len(ev.model.model.layers)
+        for unit in qk:  # half of every row's weights, exactly
+            assert torch.all((unit.weight == 0).sum(dim=1) == unit.shape[1] // 2), unit.name
+        for unit in ev.units:  # others = "dense": v, o and the MLPs untouched, bit for bit
+            if unit.role not in ("q", "k"):
+                assert torch.equal(unit.weight, others[unit.name]), unit.name
+        assert len(others) == len(ev.units) - len(qk) > 0
         assert report.extra["attention_error"] < report.extra["attention_error_init"]
     finally:
         ev.restore()
