@@ -31,7 +31,7 @@ from prunerzero.core.paths import atomic_write_text
 from prunerzero.fitness.cache import FitnessCache
 from prunerzero.fitness.pool import Backend, RayBackend, SerialBackend
 from prunerzero.fitness.spec import EvalSpec
-from prunerzero.pruning.candidates import label
+from prunerzero.pruning.candidates import METRIC_FIELDS, data_metric, label
 
 from .config import BackendConfig, CampaignConfig, ConfigError, from_dict
 from .engine import Engine
@@ -130,6 +130,7 @@ def _read_json(path: Path) -> dict:
 @contextmanager
 def _prepared(config: CampaignConfig, backend: Backend | None):
     """The campaign's problem and a started backend (closed on the way out if built here)."""
+    _no_code(config)
     problem = make_problem(config)
     own = backend is None
     backend = backend or make_backend(config.backend, evaluator_factory(config.eval_spec()))
@@ -140,6 +141,15 @@ def _prepared(config: CampaignConfig, backend: Backend | None):
         getattr(problem, "close", lambda: None)()  # the metric problem's OOS processes
         if own:
             backend.close()
+
+
+def _no_code(config: CampaignConfig) -> None:
+    """A config is data (a shared TOML, a run directory's config.json or checkpoint): a metric it
+    names may be an exported file, read for its EXPRESSION, never a Python file to import."""
+    for name in METRIC_FIELDS:
+        value = config.problem.get(name)
+        if isinstance(value, str) and ".py" in value:
+            data_metric(value, f"problem.{name}")
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:

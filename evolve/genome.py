@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from deap import base, creator, tools
 
 from prunerzero.core.fields import build
-from prunerzero.pruning.candidates import Allocation, allocation_key
+from prunerzero.pruning.candidates import Allocation, allocation_key, data_metric
 
 from .problem import Prepared
 
@@ -148,9 +148,8 @@ class AllocationProblem(MovesProblem):
         if not 0 <= sparsity - opts.levels * opts.step or sparsity + opts.levels * opts.step >= 1:
             raise ValueError(f"problem.levels: sparsity {sparsity:g} ± {opts.levels} x {opts.step:g} leaves [0, 1)")
         self.sparsity = sparsity
-        from prunerzero.primitives.metric import resolve_metric
-
-        self.metric_key = resolve_metric(opts.metric).key  # fails now on a bad metric, not per candidate
+        # fails now on a bad metric, not per candidate; a config is data: its metric never imports a file
+        self.metric_key = data_metric(opts.metric, "problem.metric").key
         super().__init__(search, opts.blocks or blocks, -opts.levels, opts.levels)
 
     def start(self) -> list[int]:

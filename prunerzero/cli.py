@@ -105,7 +105,7 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
 @friendly_errors
 def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the pruned model in.")],
               model: Model = "smollm2-135m",
-              metric: Annotated[Optional[str], typer.Option(help="Built-in name, expression, file.py[:fn], or a method of the mode (e.g. sparsegpt, router); default: the mode's (wanda; router for skip).")] = None,
+              metric: Annotated[Optional[str], typer.Option(help="Built-in name, expression, exported metric file.py, candidate file.json, or a method of the mode (e.g. sparsegpt, router); default: the mode's (wanda; router for skip). A file.py[:fn] without EXPRESSION is imported: it runs as Python code (after every other option is checked). A .json file is data: never run.")] = None,
               mode: ModeOpt = "unstructured",
               sparsity: Annotated[Optional[float], typer.Option(help="Fraction pruned (unstructured; default 0.5).")] = None,
               pattern: Annotated[Optional[str], typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = None,
@@ -126,7 +126,7 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
                                    "ratio": ratio}, set_)
     target = get_mode(mode).make_target(fields, "target")
     metric = metric or get_mode(mode).default
-    get_mode(mode).candidate(metric)  # a bad metric fails before the model loads
+    # every input is checked before the model loads; the metric last (a file.py:fn is imported)
     prune_and_save(model, metric, target, out, corpus,
                    _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos),
                    device, dtype, measure, log=log, mode=mode)
@@ -136,7 +136,7 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
 @friendly_errors
 def leaderboard_cmd(
         model: Model = "smollm2-135m", corpus: Corpus = "austen",
-        metrics: Annotated[str, typer.Option(help="Comma-separated metrics/methods.")] = "magnitude,wanda,ria,pruner-zero,sparsegpt",
+        metrics: Annotated[str, typer.Option(help="Comma-separated metrics/methods, as --metric of prune: a file.py[:fn] without EXPRESSION is imported and runs as Python code.")] = "magnitude,wanda,ria,pruner-zero,sparsegpt",
         mode: ModeOpt = "unstructured",
         sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities (unstructured mode).")] = "0.5",
         pattern: Annotated[str, typer.Option(help="Comma-separated patterns (unstructured mode).")] = "unstructured,2:4",

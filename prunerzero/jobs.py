@@ -12,16 +12,46 @@ from prunerzero import __version__
 from prunerzero.core.protocol import Protocol
 from prunerzero.fitness import speed as speed_of
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
-from prunerzero.pruning.candidates import Method
-from prunerzero.pruning.modes import get_mode
+from prunerzero.pruning.candidates import Allocation, Method
+from prunerzero.pruning.experts_plan import ExpertPlan
+from prunerzero.pruning.modes import ModeError, get_mode
 from prunerzero.pruning.target import PruneTarget
 
 
-def _candidate(mode, spec: str):
-    """(name, formula, key, candidate) for a metric spec or one of the mode's method names."""
+# Candidate kinds only one mode applies (a metric applies in every mode, a method where the mode
+# names it): a candidate file of another kind ends the command before anything loads.
+ONLY_IN = {Allocation: "unstructured", ExpertPlan: "experts"}
+
+
+def _candidate(mode, spec):
+    """(name, formula, key, candidate) for a metric spec or one of the mode's method names. The
+    user named `spec` as code: a `path.py[:function]` without an EXPRESSION is imported here (and
+    runs), so call this only after `check_inputs`. A `.json` candidate is data and never imports."""
     thing = mode.candidate(spec)
+    _check_applies(mode, spec, thing)
     name = thing.name if isinstance(thing, Method) else getattr(thing, "name", spec)
     return name, thing.formula, thing.key, thing
+
+
+def _check_applies(mode, spec, thing) -> None:
+    only = ONLY_IN.get(type(thing))
+    if only is not None and only != mode.name:
+        raise ModeError(f"{spec}: a {type(thing).__name__} candidate applies in mode {only!r}, not {mode.name!r}")
+    if isinstance(thing, Method) and thing.name not in mode.methods:
+        raise ModeError(f"{spec}: {thing.name!r} is not a method of mode {mode.name!r} "
+                        f"(its methods: {', '.join(mode.methods) or 'none'})")
+
+
+def check_inputs(model: str, corpus: str = "austen", device: str = "auto", dtype: str = "auto") -> None:
+    """Fail on a bad model name, corpus, device or dtype before anything loads — and before a
+    metric file is imported (importing a file runs it: only once every other input is good)."""
+    from prunerzero.models.corpora import FETCHERS, load_text
+    from prunerzero.models.loading import model_source, resolve_device, resolve_dtype
+
+    model_source(model, fetch=False)
+    resolve_dtype(dtype, resolve_device(device))
+    if corpus not in FETCHERS and not Path(corpus).expanduser().is_file():
+        load_text(corpus)  # raises, naming the corpus
 
 
 def _device_name(ev: Evaluator) -> str:
@@ -83,7 +113,8 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
     if targets is None:
         targets = unstructured_targets(sparsities or [0.5], patterns or ["unstructured"], group)
     resolved_targets = [the_mode.make_target(t) for t in targets]  # bad input fails before loading anything
-    resolved = [_candidate(the_mode, m) for m in metrics]
+    check_inputs(model, corpus, device, dtype)
+    resolved = [_candidate(the_mode, m) for m in metrics]  # last: a metric file may be imported
     ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype,
                             mode=mode, target=targets[0]), log=log)
     dense = ev.measure()
@@ -133,7 +164,8 @@ def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "au
     protocol = protocol or Protocol()
     the_mode = get_mode(mode)
     target = target if not isinstance(target, dict) else the_mode.make_target(target)
-    name, formula, key, thing = _candidate(the_mode, metric)
+    check_inputs(model, corpus, device, dtype)
+    name, formula, key, thing = _candidate(the_mode, metric)  # last: a metric file may be imported
     ev = Evaluator(EvalSpec(model=model, corpus=corpus, split="test", protocol=protocol, device=device, dtype=dtype,
                             mode=mode, target=asdict(target)), log=log)
     dense = ev.measure() if measure else None

@@ -7,6 +7,10 @@ canonical `key` (the fitness cache's key and the de-duplication key) and a plain
 (`encode` / `decode`: strings, numbers, lists) that travels to Ray actors and into run
 directories, so nothing is ever pickled to disk. A bare string is a metric expression, as before.
 
+Data never runs code: a metric named in a candidate's data (an allocation's `metric`, a plan's
+`order`) may be a built-in, an expression or an exported file (its EXPRESSION is read, nothing in
+it runs), never a Python file to import — `decode` refuses one, naming the field.
+
 To add a kind: a frozen dataclass with `key`, `name`, `formula` and `to_data()`, registered in
 `KINDS` with the function that rebuilds it from its data.
 """
@@ -60,7 +64,7 @@ class Allocation:
 
     @cached_property
     def resolved(self) -> Metric | CallableMetric:
-        return resolve_metric(self.metric)
+        return resolve_metric(self.metric, allow_code=False)  # an allocation travels as data: it never imports
 
     @property
     def needs(self) -> frozenset[str]:
@@ -134,6 +138,24 @@ def _allocation(data: dict):
 
 
 KINDS: dict[str, Callable[[dict], object]] = {"metric": _metric, "method": _method, "allocation": _allocation}
+METRIC_FIELDS = ("metric", "order")  # fields of a kind's data that may name a metric file
+
+
+def data_metric(spec: str, where: str) -> Metric | CallableMetric:
+    """The metric a name read from data gives, never importing a file (`where` names the field)."""
+    try:
+        return resolve_metric(spec, allow_code=False)
+    except (ValueError, KeyError) as e:
+        raise CandidateError(f"{where}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
+
+
+def _no_code(data: dict) -> None:
+    """Refuse a field naming a Python file without EXPRESSION before any kind resolves it (a kind
+    may resolve its metric later, and by then the data's origin is forgotten)."""
+    for name in METRIC_FIELDS:
+        value = data.get(name)
+        if isinstance(value, str) and ".py" in value:
+            data_metric(value, f"{data.get('kind')} candidate: field {name!r}")
 
 
 def _field(data: dict, name: str, kind: type):
@@ -146,7 +168,7 @@ def _field(data: dict, name: str, kind: type):
 
 def read_candidate_file(path) -> object:
     """A candidate saved as JSON data (`prunerzero export` of an allocation or joint campaign):
-    plain data, nothing executed. Errors name the file."""
+    plain data, nothing executed — a metric it names is never imported. Errors name the file."""
     import json
     from pathlib import Path
 
@@ -167,6 +189,7 @@ def decode(data: str | dict):
     if not isinstance(data, dict) or data.get("kind") not in KINDS:
         kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise CandidateError(f"unknown candidate kind {kind!r}; kinds: {', '.join(KINDS)}")
+    _no_code(data)
     return KINDS[data["kind"]](data)
 
 
