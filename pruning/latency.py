@@ -84,7 +84,41 @@ class LatencyTable:
     def from_data(cls, data: dict) -> "LatencyTable":
         data = dict(data)
         data["attn_options"] = [tuple(o) for o in data["attn_options"]]
-        return cls(**data)
+        table = cls(**data)
+        table.check()
+        return table
+
+    def check(self, blocks: int | None = None) -> None:
+        """Every phase prices every block's every option with a finite time >= 0 (a checksum
+        proves only that the file is what was written: a table cut short and checksummed again
+        would otherwise fail deep inside the selection). Errors name the field."""
+        n = len(_phase(self.rest, "prefill", "rest")) if blocks is None else blocks
+        shapes = {"attn": (n, len(self.attn_options)), "mlp": (n, len(self.mlp_options)), "rest": (n,),
+                  "overhead": (), "dense": ()}
+        for name, shape in shapes.items():
+            for phase in PHASES:
+                _check_times(_phase(getattr(self, name), phase, name), shape, f"{name}.{phase}")
+
+    def check_fits(self, blocks: int, attn_options, mlp_options) -> None:
+        """The table prices this model's blocks and options (its cache key names the shape)."""
+        if list(self.attn_options) != list(attn_options) or list(self.mlp_options) != list(mlp_options):
+            raise CorruptCache("its attention or MLP options are not this model's")
+        self.check(blocks)
+
+
+def _phase(table, phase: str, field: str):
+    if not isinstance(table, dict) or phase not in table:
+        raise CorruptCache(f"field {field!r} has no {phase} times")
+    return table[phase]
+
+
+def _check_times(values, shape: tuple, field: str) -> None:
+    try:
+        array = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise CorruptCache(f"field {field!r} is not numbers") from None
+    if array.shape != shape or not np.isfinite(array).all() or (array < 0).any():
+        raise CorruptCache(f"field {field!r} must be {shape or 'one'} finite times >= 0, got shape {array.shape}")
 
 
 def attention_options(n_kv: int, group: int) -> list[tuple[int, int]]:
@@ -199,13 +233,18 @@ def _pool(values: list[float], signatures: list) -> list[float]:
     return [statistics.median(groups[s]) for s in signatures]
 
 
+def table_options(structure, width: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The attention and MLP options a table for this structure prices."""
+    _check_dense(structure)
+    first = structure.blocks[0]
+    return (attention_options(first.attention.n_kv_heads, first.attention.group_size),
+            list(range(first.mlp.width // width + 1)))
+
+
 def measure(model, adapter, width: int, batch: int = 1, seq_len: int = 256, repeats: int = 5,
             decode_tokens: int = 8, log=lambda m: None) -> LatencyTable:
     structure = adapter.structure
-    _check_dense(structure)
-    first = structure.blocks[0]
-    a_opts = attention_options(first.attention.n_kv_heads, first.attention.group_size)
-    m_opts = list(range(first.mlp.width // width + 1))
+    a_opts, m_opts = table_options(structure, width)
     device = next(model.parameters()).device
     vocab = int(model.get_input_embeddings().weight.shape[0])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -275,13 +314,19 @@ def cache_key(model, width: int, batch: int, seq_len: int) -> str:
     return sha256(text.encode())[:16]
 
 
-def cached(model, width: int, batch: int = 1, seq_len: int = 256, log=print, directory=None) -> LatencyTable | None:
-    """The cached table for this model shape on this machine, or None (a damaged one is set aside)."""
+def cached(model, width: int, batch: int = 1, seq_len: int = 256, log=print, directory=None,
+           adapter=None) -> LatencyTable | None:
+    """The cached table for this model shape on this machine, or None (a damaged one is set aside).
+    With the model's adapter, a table that does not price its blocks and options is damaged too."""
     path = _path(model, width, batch, seq_len, directory)
     if not path.exists():
         return None
+    expect = None if adapter is None else (len(adapter.structure.blocks), *table_options(adapter.structure, width))
     try:
-        return LatencyTable.from_data(read_checked_json(path))
+        table = LatencyTable.from_data(read_checked_json(path))
+        if expect is not None:
+            table.check_fits(*expect)
+        return table
     except (CorruptCache, ValueError, KeyError, TypeError) as e:
         set_aside(path, f"latency table: {e}", log=log, then="measuring again")
         return None
@@ -294,7 +339,7 @@ def _path(model, width, batch, seq_len, directory):
 def load_or_measure(model, adapter, width: int, batch: int = 1, seq_len: int = 256, log=print,
                     directory=None, repeats: int = 5) -> LatencyTable:
     """The cached table for this model shape on this machine, else measured and cached."""
-    table = cached(model, width, batch, seq_len, log, directory)
+    table = cached(model, width, batch, seq_len, log, directory, adapter)
     if table is not None:
         return table
     path = _path(model, width, batch, seq_len, directory)

@@ -103,12 +103,14 @@ class RouterSet:
         meta, tensors = _read_verified(Path(path) / DATA, Path(path) / META)
         if meta.get("format") != FORMAT or "names" not in meta:
             raise CorruptCache(f"{path}: not routers this version wrote")
-        names = [(int(b), str(k)) for b, k in meta["names"]]
+        names = _names(meta["names"], Path(path) / META)
         routers = []
         for b, k in names:
             w, bias = tensors.get(f"router.{b}.{k}.proj.weight"), tensors.get(f"router.{b}.{k}.proj.bias")
             if w is None or bias is None:
                 raise CorruptCache(f"{path}: no router for block {b} {k}")
+            if w.ndim != 2 or w.shape[0] != 1 or bias.shape != (1,):
+                raise CorruptCache(f"{path}: the router for block {b} {k} has shape {tuple(w.shape)}, not (1, hidden)")
             r = Router(w.shape[1])
             r.load_state_dict({"proj.weight": w, "proj.bias": bias})
             routers.append(r)
@@ -122,6 +124,19 @@ class RouterSet:
         if any(r.proj.weight.shape[1] != hidden for r in self.routers) or any(b >= blocks for b, _ in self.names):
             raise RouterError(f"{where}: routers of hidden size {self.routers[0].proj.weight.shape[1]} "
                               f"do not fit this model's {hidden} x {blocks} blocks")
+
+
+def _names(names, where: Path) -> list[tuple[int, str]]:
+    """The routed sublayers a router file lists: [block, kind] pairs, distinct (the JSON is outside
+    the checksum, which covers the tensors)."""
+    if not isinstance(names, list) or not all(isinstance(n, list) and len(n) == 2 and type(n[0]) is int
+                                              and n[0] >= 0 and n[1] in ("attention", "mlp") for n in names):
+        raise CorruptCache(f"{where}: field 'names' must be a list of [block, \"attention\" | \"mlp\"] pairs, "
+                           f"got {names!r:.80}")
+    out = [(b, k) for b, k in names]
+    if len(set(out)) != len(out):
+        raise CorruptCache(f"{where}: field 'names' lists a sublayer twice")
+    return out
 
 
 def _read_verified(data_path: Path, meta_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
