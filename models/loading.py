@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,62 @@ def model_source(name: str, fetch: bool = True) -> str:
 # the model directory -> a function (directory, dtype) -> model. Modes register themselves
 # (pruning/modes.py), so this floor needs no knowledge of them.
 RESHAPED: dict[str, Callable] = {}
+# Such a directory's config.json holds only a model_type transformers does not know, whose text
+# names this loader: plain `from_pretrained` fails saying what to do instead of building the dense
+# model with random weights where the saved ones do not fit. The real config is REAL_CONFIG.
+REAL_CONFIG = "prunerzero_config.json"
+GUARD_KEY = "prunerzero_marker"  # in the guard config.json: the marker file the directory needs
+LOADER = "prunerzero.models.loading.load_model"
+
+
+def save_reshaped_config(config, out: Path, marker: str, mode: str) -> None:
+    """Write a reshaped model's config: the real one as REAL_CONFIG, a guard as config.json."""
+    from prunerzero.core.paths import atomic_write_text
+
+    out = Path(out)
+    atomic_write_text(out / REAL_CONFIG, config.to_json_string())
+    note = (f"prunerzero-{mode}: saved by prunerzero's {mode} mode in a shape transformers cannot express; "
+            f"plain transformers would load it wrong, so load it with {LOADER}(path) after `import "
+            "prunerzero.pruning.modes`, or with any prunerzero command (prunerzero eval --model path)")
+    atomic_write_text(out / "config.json", json.dumps({"model_type": note, GUARD_KEY: marker}, indent=2) + "\n")
+
+
+def saved_config(path):
+    """The model config of a directory: REAL_CONFIG where a pruning mode wrote one, else config.json."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    real = Path(path) / REAL_CONFIG
+    if not real.is_file():
+        return AutoConfig.from_pretrained(path)
+    try:
+        data = json.loads(real.read_text())
+        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{real}: not a model config ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_saved_weights(model, path, marker: str) -> None:
+    """A reshaped directory's tensors into the model its marker shaped, strictly (a missing or
+    mis-shaped tensor is an error naming both files, in one line)."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+    except (OSError, RuntimeError, ValueError) as e:  # torch's size mismatch, safetensors' header errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ModelLoadError(f"{path / 'model.safetensors'} does not fit {path / marker}: {first}") from None
+
+
+def _guard_marker(src: str) -> str | None:
+    """The marker file a guarded config.json (save_reshaped_config) says the directory needs."""
+    try:
+        data = json.loads((Path(src) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    marker = data.get(GUARD_KEY) if isinstance(data, dict) else None
+    return marker if isinstance(marker, str) else None
 
 
 def _from_pretrained(src: str, dtype: torch.dtype):
@@ -72,7 +129,11 @@ def _from_pretrained(src: str, dtype: torch.dtype):
     for marker, load in RESHAPED.items():
         if (Path(src) / marker).is_file():
             return load(src, dtype)
-    if Path(src).is_dir() and any(Path(src).glob("prunerzero_*.json")):
+    needed = _guard_marker(src)
+    if needed in RESHAPED:
+        raise ModelLoadError(f"{Path(src) / needed} is missing: {src} holds a model a pruning mode reshaped, "
+                             "and without that file its weights fit no model")
+    if needed or Path(src).is_dir() and any(Path(src).glob("prunerzero_*.json")):
         raise ModelLoadError(f"{src} holds a model a pruning mode reshaped: load it through prunerzero "
                              "(import prunerzero.pruning.modes first, which registers the loaders)")
     return AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
@@ -85,7 +146,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     dt = resolve_dtype(dtype, dev)
     src = model_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        # a reshaped directory's guard config.json is not for the tokenizer: give it the real one
+        config = {"config": saved_config(src)} if (Path(src) / REAL_CONFIG).is_file() else {}
+        tokenizer = AutoTokenizer.from_pretrained(src, **config)
         model = _from_pretrained(src, dt)
     except OSError as e:
         raise ModelLoadError(
@@ -100,9 +163,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
 
 def count_blocks(name: str) -> int:
     """The number of decoder blocks of a model, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_source(name))
+    config = saved_config(model_source(name))
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     return int(config.num_hidden_layers)

@@ -325,6 +325,7 @@ def save_experts(ctx, report: PruneReport, out) -> None:
     from safetensors.torch import save_model
 
     from prunerzero.core.paths import atomic_write_text
+    from prunerzero.models.loading import REAL_CONFIG, save_reshaped_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,9 +337,10 @@ def save_experts(ctx, report: PruneReport, out) -> None:
     if len(set(counts)) == 1 and len(set(report.extra["plan"]["top_k"])) == 1:
         ctx.model.save_pretrained(out)
         config.save_pretrained(out)
-        (out / MARKER).unlink(missing_ok=True)
+        for stale in (MARKER, REAL_CONFIG):  # of an earlier save into the same directory
+            (out / stale).unlink(missing_ok=True)
         return
-    config.save_pretrained(out)
+    save_reshaped_config(config, out, MARKER, "experts")  # plain transformers refuses it, naming our loader
     save_model(ctx.model, str(out / "model.safetensors"))
     doc = {"format": 1, "experts": counts, "top_k": report.extra["plan"]["top_k"], "budget": report.target.describe()}
     atomic_write_text(out / MARKER, json.dumps(doc))
@@ -346,25 +348,37 @@ def save_experts(ctx, report: PruneReport, out) -> None:
 
 def load_experts(path, dtype: torch.dtype):
     """A model the experts mode saved with different expert counts per layer."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from prunerzero.models.adapter import ModelAdapter
+    from prunerzero.models.loading import load_saved_weights, saved_config
 
     path = Path(path)
     try:
         doc = json.loads((path / MARKER).read_text())
-        counts, top_k = [int(c) for c in doc["experts"]], [int(k) for k in doc["top_k"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExpertsError(f"{path / MARKER} is damaged ({e}): not what the experts mode wrote") from None
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        counts, top_k = doc["experts"], doc["top_k"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExpertsError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}): not what the experts mode "
+                           "wrote") from None
+    model = AutoModelForCausalLM.from_config(saved_config(path), dtype=dtype)
     edits = Edits()
     layers = ModelAdapter(model).structure.expert_layers
-    if len(layers) != len(counts):
-        raise ExpertsError(f"{path / MARKER} gives {len(counts)} layers; the config builds {len(layers)}")
+    _check_counts(counts, top_k, layers, str(path / MARKER))
     for layer, n, k in zip(layers, counts, top_k):
         if n < layer.n_experts:
             remove_experts(edits, layer, list(range(n)))
         set_top_k(edits, layer, k)
-    load_model(model, str(path / "model.safetensors"), strict=True)
+    load_saved_weights(model, path, MARKER)
     return model
+
+
+def _check_counts(counts, top_k, layers, where: str) -> None:
+    """Kept experts and top-k per MoE layer, read from a file: integers in range; errors name the field."""
+    for field, got in (("experts", counts), ("top_k", top_k)):
+        if not isinstance(got, list) or len(got) != len(layers) or not all(type(n) is int for n in got):
+            raise ExpertsError(f"{where}: field {field!r} must give an integer for each of the config's "
+                               f"{len(layers)} MoE layers, got {got!r:.80}")
+    for i, (layer, n, k) in enumerate(zip(layers, counts, top_k)):
+        if not 1 <= n <= layer.n_experts or not 1 <= k <= n:
+            raise ExpertsError(f"{where}: layer {i} keeps {n} of {layer.n_experts} experts with top_k {k}: "
+                               "need 1 <= top_k <= experts <= the config's")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from prunerzero.core.integrity import CorruptCache
+from prunerzero.models.loading import load_saved_weights, save_reshaped_config, saved_config
 
 from .candidates import Method
 from .influence import removal_losses, sublayer_influence
@@ -251,7 +252,7 @@ def save_skip(ctx, report: PruneReport, out) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx.model.config.save_pretrained(out)
+    save_reshaped_config(ctx.model.config, out, MARKER, "skip")  # plain transformers refuses it, naming our loader
     save_model(ctx.model, str(out / "model.safetensors"))
     x = report.extra
     plan = {"removed": x.get("removed", []), "routed": x.get("routed", []), "threshold": x.get("threshold", 0.0),
@@ -263,8 +264,7 @@ def save_skip(ctx, report: PruneReport, out) -> None:
 def load_skip(path, dtype: torch.dtype):
     """A model saved by the skip mode: dense shapes from its config, the plan applied (routers
     with placeholder weights, removed sublayers), then every tensor loaded strictly."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from prunerzero.models.adapter import ModelAdapter
 
@@ -273,12 +273,12 @@ def load_skip(path, dtype: torch.dtype):
     path = Path(path)
     try:
         plan = json.loads((path / MARKER).read_text())["plan"]
-        removed, routed_names = [tuple(k) for k in plan["removed"]], [tuple(k) for k in plan["routed"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / MARKER} is damaged ({e}): not a plan the skip mode wrote") from None
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}): not a plan the skip mode wrote") from None
+    model = AutoModelForCausalLM.from_config(saved_config(path), dtype=dtype)
     structure = ModelAdapter(model).structure
     by_name = {(s.block, s.kind): s for b in structure.blocks for s in b.sublayers}
+    removed, routed_names = _check_plan(plan, by_name, str(path / MARKER))
     attentions = {a.block: a for a in structure.attentions}
     edits, hidden = Edits(), model.get_input_embeddings().weight.shape[1]
     costs = plan.get("costs") or [1.0] * len(routed_names)
@@ -287,5 +287,37 @@ def load_skip(path, dtype: torch.dtype):
         install(edits, by_name[(b, kind)], Router(hidden), plan["execution"], plan["threshold"], attentions.get(b), cost, f)
     for key in removed:
         remove_sublayer(edits, by_name[key])
-    load_model(model, str(path / "model.safetensors"), strict=True)
+    load_saved_weights(model, path, MARKER)
     return model
+
+
+def _check_plan(plan, by_name: dict, where: str) -> tuple[list, list]:
+    """(removed, routed) sublayers of a plan read from a file, every field checked against the
+    model (the marker is outside any checksum); errors name the field."""
+    if not isinstance(plan, dict):
+        raise ValueError(f"{where}: field 'plan' must be an object")
+    names = {}
+    for field in ("removed", "routed"):
+        got = plan.get(field)
+        if not isinstance(got, list) or not all(isinstance(k, list) and len(k) == 2 and type(k[0]) is int
+                                                and isinstance(k[1], str) and tuple(k) in by_name for k in got):
+            raise ValueError(f"{where}: plan.{field} must list [block, \"attention\" | \"mlp\"] sublayers "
+                             f"of this model, got {got!r:.80}")
+        names[field] = [tuple(k) for k in got]
+    everything = names["removed"] + names["routed"]
+    if len(set(everything)) != len(everything):
+        raise ValueError(f"{where}: plan.removed and plan.routed name a sublayer twice")
+    if plan.get("execution") not in EXECUTIONS[:2]:
+        raise ValueError(f"{where}: plan.execution must be gather or multiply, got {plan.get('execution')!r:.40}")
+    if not _finite(plan.get("threshold")):
+        raise ValueError(f"{where}: plan.threshold must be a finite number")
+    for field in ("costs", "flops"):
+        got = plan.get(field) or []
+        if not isinstance(got, list) or got and (len(got) != len(names["routed"])
+                                                 or not all(_finite(c) and c > 0 for c in got)):
+            raise ValueError(f"{where}: plan.{field} must give a positive number for each routed sublayer")
+    return names["removed"], names["routed"]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prunerzero.models.loading import load_saved_weights, save_reshaped_config, saved_config
 from prunerzero.models.structure import Group, Part
 
 from .candidates import Method
@@ -283,7 +284,7 @@ def save_structured(ctx, report: PruneReport, out) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx.model.config.save_pretrained(out)
+    save_reshaped_config(ctx.model.config, out, MARKER, "structured")  # plain transformers refuses it, naming our loader
     save_model(ctx.model, str(out / "model.safetensors"))
     doc = {"format": 1, "plan": report.extra["plan"], "budget": report.target.describe(),
            "predicted_ratio": report.extra["predicted_ratio"]}
@@ -295,17 +296,65 @@ def load_structured(path, dtype: torch.dtype):
     sliced weights loaded (strictly: a missing or mis-shaped tensor is an error)."""
     from pathlib import Path
 
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from prunerzero.models.adapter import ModelAdapter
 
     path = Path(path)
     try:
-        plan = json.loads((path / MARKER).read_text())["plan"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{path / MARKER} is damaged ({e}): not a plan the structured mode wrote") from None
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    apply_plan(Edits(), ModelAdapter(model), plan)
-    load_model(model, str(path / "model.safetensors"), strict=True)
+        doc = json.loads((path / MARKER).read_text())
+        plan = doc["plan"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}): not a plan the structured "
+                         "mode wrote") from None
+    model = AutoModelForCausalLM.from_config(saved_config(path), dtype=dtype)
+    adapter = ModelAdapter(model)
+    check_plan(plan, adapter.structure, str(path / MARKER))
+    apply_plan(Edits(), adapter, plan)
+    load_saved_weights(model, path, MARKER)
     return model
+
+
+def check_plan(plan, structure, where: str) -> None:
+    """A plan read from a file: the steps the structured mode writes, one per block, every field
+    of its type and in range (the marker is outside any checksum). Errors name the field."""
+    if any(b.attention is None or b.mlp is None for b in structure.blocks):
+        raise ValueError(f"{where}: its config builds a model with blocks the structured mode does not cut")
+    if not isinstance(plan, list) or len(plan) != len(structure.blocks):
+        raise ValueError(f"{where}: field 'plan' must list one step for each of the model's "
+                         f"{len(structure.blocks)} blocks")
+    for block, step in zip(structure.blocks, plan):
+        at = f"{where}: plan[{block.index}]"
+        if not isinstance(step, dict) or not {"heads", "channels", "removed"} <= step.keys():
+            raise ValueError(f"{at} must be an object with heads, channels and removed")
+        if not isinstance(step["removed"], bool):
+            raise ValueError(f"{at}.removed must be true or false, got {step['removed']!r:.40}")
+        _check_heads(step["heads"], block.attention, f"{at}.heads")
+        _check_channels(step["channels"], block.mlp.width, f"{at}.channels")
+
+
+def _ints(values) -> bool:
+    return isinstance(values, list) and all(type(v) is int for v in values)
+
+
+def _check_heads(heads, attn, at: str) -> None:
+    """null (removed), or per KV head the kept query heads that read it, equally many per kept KV head."""
+    if heads is None:
+        return
+    if not isinstance(heads, list) or len(heads) != attn.n_kv_heads or not all(map(_ints, heads)):
+        raise ValueError(f"{at} must be null or {attn.n_kv_heads} lists (one per KV head) of query heads")
+    for kv, hs in enumerate(heads):
+        if len(set(hs)) != len(hs) or any(not 0 <= h < attn.n_heads or attn.kv_of(h) != kv for h in hs):
+            raise ValueError(f"{at}[{kv}] must be distinct query heads of KV head {kv}, got {hs!r:.80}")
+    sizes = {len(hs) for hs in heads if hs}
+    if len(sizes) != 1:
+        raise ValueError(f"{at}: the kept KV heads must keep equally many query heads, at least one")
+
+
+def _check_channels(channels, width: int, at: str) -> None:
+    """null (removed), or distinct channels in [0, width), at least one."""
+    if channels is None:
+        return
+    if not _ints(channels) or not channels or len(set(channels)) != len(channels) \
+            or not all(0 <= c < width for c in channels):
+        raise ValueError(f"{at} must be null or distinct channels in [0, {width}), at least one")
