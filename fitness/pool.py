@@ -289,10 +289,32 @@ def connection_advice(address: str, error: BaseException) -> str:
     text = " ".join(chain)
     first = _first_line(error)
     if "Authentication" in text or "InvalidAuthToken" in text:
-        return (f"could not join the Ray cluster at {address!r}: it uses token authentication and this "
-                "machine does not have its token. Copy the head node's token (`ray get-auth-token` "
-                "there, or its ~/.ray/auth_token) to ~/.ray/auth_token here, or set RAY_AUTH_TOKEN / "
-                "RAY_AUTH_TOKEN_PATH (see README, 'A Ray cluster').")
+        return _token_advice(address)
     return (f"could not join the Ray cluster at {address!r} ({first}). Is a cluster running there "
             "(`ray status` on the head node) and reachable from this machine? Without --address, "
             "prunerzero starts a local Ray of its own.")
+
+
+def _token_advice(address: str) -> str:
+    """The cluster refused this machine's (missing, unsent or wrong) token: which, and the fix."""
+    where = f"could not join the Ray cluster at {address!r}: it uses token authentication"
+    if address != "auto" and _token_here() and not _token_mode():  # "auto" turns token mode on by itself
+        return (f"{where}, and this machine has a token but did not send it: Ray sends it to an explicit "
+                "--address only with RAY_AUTH_MODE=token. Set RAY_AUTH_MODE=token too (see README, 'A Ray cluster').")
+    found = "its token here is not the cluster's" if _token_here() else "this machine does not have its token"
+    return (f"{where} and {found}. Copy the head node's token (`ray get-auth-token` there, or its "
+            "~/.ray/auth_token) to ~/.ray/auth_token here, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, with "
+            "RAY_AUTH_MODE=token (see README, 'A Ray cluster').")
+
+
+def _token_mode() -> bool:
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def _token_here() -> bool:
+    """Whether a Ray token is on this machine where Ray looks: RAY_AUTH_TOKEN, the file
+    RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token."""
+    from pathlib import Path
+
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path or Path.home() / ".ray" / "auth_token").is_file()
