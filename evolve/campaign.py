@@ -88,11 +88,13 @@ def run_campaign(config: CampaignConfig, run_dir: Path | None = None, backend: B
     `backend` overrides the configured one (it is then not closed here). Everything that can be
     checked — the problem's options, the model, the corpus, the target against the model — is
     checked (the evaluators are built) before the run directory is created."""
+    console = _console(console)
+    cache = _open_cache(config, console)  # a path that is not a cache is refused before anything is made
     with _prepared(config, backend) as (problem, backend):
         run_dir = Path(run_dir) if run_dir else new_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        return _run(config, problem, run_dir, None, backend, console)
+        return _run(config, problem, run_dir, None, backend, cache, console)
 
 
 def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Console | None = None,
@@ -113,11 +115,13 @@ def resume_campaign(run_dir: Path, backend: Backend | None = None, console: Cons
         config = config.with_generations(generations)
     if backend_changes:
         config = config.with_backend(**backend_changes)
+    console = _console(console)
+    cache = _open_cache(config, console)
     with _prepared(config, backend) as (problem, backend):
         if generations is not None:
             saved = from_dict(_read_json(run_dir / "config.json")).with_generations(generations)
             atomic_write_text(run_dir / "config.json", json.dumps(saved.to_dict(), indent=2) + "\n")
-        return _run(config, problem, run_dir, state, backend, console)
+        return _run(config, problem, run_dir, state, backend, cache, console)
 
 
 def _read_json(path: Path) -> dict:
@@ -190,11 +194,19 @@ def _check_checkpoint(state, path: Path) -> None:
                           "remove it to restart the campaign from scratch")
 
 
+def _console(console: Console | None) -> Console:
+    return console or Console(highlight=False, soft_wrap=True)  # one line per generation, piped too
+
+
+def _open_cache(config: CampaignConfig, console: Console) -> FitnessCache:
+    """The shared fitness cache, its read-back values bounded by the campaign's measure."""
+    return FitnessCache(config.cache or None, log=lambda msg: console.print(msg, markup=False),
+                        measure=config.eval_spec().fitness)
+
+
 def _run(config: CampaignConfig, problem, run_dir: Path, state: dict | None, backend: Backend,
-         console: Console | None) -> Path:
-    console = console or Console(highlight=False)
+         cache: FitnessCache, console: Console) -> Path:
     spec = config.eval_spec()
-    cache = FitnessCache(config.cache or None, log=lambda msg: console.print(msg, markup=False))
     fitness = FitnessMap(backend, cache, spec.cache_key(),
                          config.protocol.eval_windows, config.fidelity.rungs, config.fidelity.eta)
     engine = Engine(config.search, fitness, extra_stats=lambda: _fitness_stats(fitness), problem=problem)

@@ -101,7 +101,7 @@ def search_budget_baselines(config: dict, names: list[str]) -> list[tuple[str, s
     spec = cfg.eval_spec()
     metrics = {name: resolve_metric(name) for name in names}
     with SerialBackend(evaluator_factory(spec)) as backend:  # loads the model only if something is missing
-        fitness = FitnessMap(backend, FitnessCache(cfg.cache or None), spec.cache_key(), cfg.protocol.eval_windows)
+        fitness = FitnessMap(backend, FitnessCache(cfg.cache or None, measure=spec.fitness), spec.cache_key(), cfg.protocol.eval_windows)
         measured = fitness([(m.key, m.formula) for m in metrics.values()])
     return [(name, m.formula, got.result.fitness) for (name, m), got in zip(metrics.items(), measured)]
 

@@ -41,3 +41,13 @@ def test_bad_config_and_arguments_are_clear_errors(tmp_path):
     assert result.exit_code != 0 and "use it with --resume" in result.output
     result = runner.invoke(evolve_app, ["export", str(tmp_path)])
     assert result.exit_code == 2 and "hall_of_fame.csv" in result.output
+
+
+def test_piped_progress_keeps_one_line_per_generation(tmp_path):
+    """Not a terminal (CI, | tee, nohup): rich would wrap at 80 columns and split a generation's
+    line in two; each line must stay whole."""
+    result = runner.invoke(evolve_app, ["evolve", str(_toml(tmp_path))])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("gen ")]
+    assert len(lines) == 2  # generations 0 and 1
+    assert all(len(ln) > 80 and "best" in ln and "unique" in ln and ln.rstrip().endswith("s") for ln in lines)

@@ -1,33 +1,29 @@
 """Damaged caches are named, set aside and recomputed — never silently used, never left broken."""
 
-import io
-import re
 import sqlite3
 
 import pytest
 import torch
-from rich.console import Console
 
 from prunerzero.core.results import FitnessResult
 from prunerzero.evolve.campaign import run_campaign
 from prunerzero.evolve.toy import toy_config
-from prunerzero.fitness.cache import FitnessCache
+from prunerzero.fitness.cache import FitnessCache, NotAFitnessCache
 from prunerzero.models import corpora
 
-from test_evolve_campaign import QUIET, _hof
+from test_evolve_campaign import QUIET
 
 
-def test_a_fitness_cache_that_is_not_a_database_is_set_aside_and_the_campaign_runs(tmp_path):
-    reference = run_campaign(toy_config(tmp_path / "ref", search={"generations": 1}), console=QUIET)
+def test_a_fitness_cache_path_holding_another_file_stops_the_campaign_and_leaves_it_untouched(tmp_path):
+    """Not the project's file (no SQLite header, no mark): an error naming it, before any run
+    directory is made — never renamed as "corrupt" (it may be the user's notes)."""
     cfg = toy_config(tmp_path, search={"generations": 1})
     cache = tmp_path / "fitness.sqlite"
     cache.write_bytes(b"this is not a database" * 100)
-    out = io.StringIO()
-    run_dir = run_campaign(cfg, console=Console(file=out, width=300))
-    assert re.search(r"fitness.sqlite is corrupt .*file is not a database.*empty cache", out.getvalue())
-    assert _hof(run_dir) == _hof(reference)
-    assert len(list(tmp_path.glob("fitness.sqlite.corrupt-*"))) == 1
-    assert len(FitnessCache(cache)) > 0
+    with pytest.raises(NotAFitnessCache, match="fitness.sqlite is not a prunerzero fitness cache"):
+        run_campaign(cfg, console=QUIET)
+    assert cache.read_bytes() == b"this is not a database" * 100
+    assert not list(tmp_path.glob("fitness.sqlite.corrupt-*")) and not (tmp_path / "runs").exists()
 
 
 def test_a_cache_damaged_while_in_use_is_set_aside_and_rebuilt(tmp_path):
