@@ -67,11 +67,9 @@ def _experts(config):
 
 def moe_shape(model: str) -> tuple[int, int]:
     """(MoE layers, routed experts per layer) from a model's config alone (no weights loaded)."""
-    from transformers import AutoConfig
+    from prunerzero.models.loading import model_source, saved_config
 
-    from prunerzero.models.loading import model_source
-
-    config = AutoConfig.from_pretrained(model_source(model))
+    config = saved_config(model_source(model))  # a directory a mode saved keeps its real config apart
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)

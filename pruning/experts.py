@@ -178,7 +178,7 @@ def ranking(ctx, order: str, target: ExpertsTarget) -> list[list[int]]:
             reap = importance(ctx, METHODS["reap"], target)
             by_reap = [torch.argsort(-row, stable=True).tolist() for row in reap]
             return [[e for e in r if e in k] + [e for e in r if e not in k] for r, k in zip(by_reap, keep)]
-        thing = METHODS.get(order) or resolve_metric(order)
+        thing = METHODS.get(order) or resolve_metric(order, allow_code=False)  # plan data never imports
         return [torch.argsort(-row, stable=True).tolist() for row in importance(ctx, thing, target)]
     return ctx.remember(("expert ranking", order, target.signal, target.reducer, target.normalize, target.seed,
                          target.tokens, target.rescale, target.counts or target.experts), compute)

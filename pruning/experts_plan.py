@@ -35,11 +35,11 @@ class ExpertPlan:
 
     @property
     def needs(self) -> frozenset[str]:
-        return frozenset() if self.order in METHODS else resolve_metric(self.order).needs
+        return frozenset() if self.order in METHODS else resolve_metric(self.order, allow_code=False).needs
 
     @property
     def order_key(self) -> str:
-        return f"method:{self.order}" if self.order in METHODS else resolve_metric(self.order).key
+        return f"method:{self.order}" if self.order in METHODS else resolve_metric(self.order, allow_code=False).key
 
     @property
     def name(self) -> str:
