@@ -3,7 +3,7 @@
 A corpus spec is `austen` (Jane Austen's six novels, from the Debian package r-cran-janeaustenr,
 so it needs no model hub), `wikitext2` or `c4` (Hugging Face `datasets`, optional), or a path to a
 text file. Its text is tokenized once, whole, and cached; the token stream is split by position
-(DESIGN.md's protocol: train / valid / test = first 80% / next 10% / last 10%), calibration draws
+(docs/DESIGN.md's protocol: train / valid / test = first 80% / next 10% / last 10%), calibration draws
 seeded random windows from train and evaluation takes consecutive windows of a split.
 """
 

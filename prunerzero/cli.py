@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prunerzero.cli_evolve import evolve_app
-from prunerzero.console import friendly_errors, log
+from prunerzero.console import friendly_errors, log, plain_when_piped
 from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.modes import MODES
 
@@ -21,7 +21,14 @@ models_app = typer.Typer(no_args_is_help=True, help="The offline model zoo.")
 data_app = typer.Typer(no_args_is_help=True, help="Corpora.")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
-# Options shared by the commands that measure (the protocol of DESIGN.md, defaults included).
+
+
+@app.callback()
+def _face() -> None:
+    plain_when_piped()
+
+
+# Options shared by the commands that measure (the protocol of docs/DESIGN.md, defaults included).
 Model = Annotated[str, typer.Option(help="Zoo name, local model directory or Hugging Face hub id.")]
 Corpus = Annotated[str, typer.Option(help="austen, mobydick, wikitext2, c4 or a path to a text file.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]

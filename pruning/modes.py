@@ -1,6 +1,6 @@
 """The pruning modes, one family: mode name → target type → apply.
 
-Every mode is (structure, scores, intervention) — DESIGN.md, "Pruning modes: one family". Here
+Every mode is (structure, scores, intervention) — docs/DESIGN.md, "Pruning modes: one family". Here
 each is registered once with:
 
 - `target`: a frozen dataclass of the mode's budget (its fields are the CLI options and the
