@@ -7,6 +7,7 @@ subclass, with a message naming the problem) passes through `friendly_errors`.""
 from __future__ import annotations
 
 import functools
+import sys
 
 import typer
 from rich.console import Console
@@ -34,6 +35,15 @@ def friendly_errors(fn):
             console.print(f"[bold red]error:[/] {escape(message(e))}", highlight=False)
             raise typer.Exit(2) from None
     return wrapper
+
+
+def plain_when_piped() -> None:
+    """Not a terminal (CI, | tee, nohup): transformers' progress bars redraw with carriage
+    returns, which a log file shows as one line of many events — turn them off there."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def log(msg: str) -> None:

@@ -168,10 +168,17 @@ def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "au
     name, formula, key, thing = _candidate(the_mode, metric)  # last: a metric file may be imported
     ev = Evaluator(EvalSpec(model=model, corpus=corpus, split="test", protocol=protocol, device=device, dtype=dtype,
                             mode=mode, target=asdict(target)), log=log)
+    windows = f"{len(ev.windows)} test windows x {ev.windows.shape[1]} tokens"
+    if measure:
+        log(f"measuring the dense perplexity on {windows}")
     dense = ev.measure() if measure else None
+    log(f"pruning: {mode}, {name}, {target.describe()}")
     report = ev.prune(thing)
+    if measure:
+        log(f"measuring the pruned perplexity on {windows}")
     pruned = ev.measure() if measure else None
     out = Path(out)
+    log(f"saving to {out}")
     if the_mode.save is not None:
         the_mode.save(ev.ctx, report, out)
     else:
@@ -183,5 +190,6 @@ def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "au
                "dense_perplexity": dense.perplexity if dense else None,
                "perplexity": pruned.perplexity if pruned else None}
     log(f"pruned {model} with {name} ({mode}: {target.describe()}): sparsity {report.sparsity:.4f}"
-        + (f", perplexity {dense.perplexity:.3f} -> {pruned.perplexity:.3f}" if measure else "") + f"; saved to {out}")
+        + (f", perplexity {dense.perplexity:.3f} -> {pruned.perplexity:.3f} on {pruned.tokens} test tokens"
+           if measure else "") + f"; saved to {out}")
     return summary

@@ -74,8 +74,13 @@ def test_same_masks_answer_without_a_forward_exactly_as_a_forward_would(evaluato
 def test_saved_pruned_model_reloads_with_same_perplexity_and_zeros(evaluator, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    lines = []
     summary = prune_and_save("smollm2-135m", "wanda", PruneTarget(0.5), tmp_path / "pruned", corpus="austen",
-                             protocol=SMALL, measure=True, log=lambda m: None)
+                             protocol=SMALL, measure=True, log=lines.append)
+    # one line per step, no raw data structures; the perplexity names the tokens it was measured on
+    assert all("\n" not in ln and "{" not in ln for ln in lines)
+    assert lines[0] == "measuring the dense perplexity on 6 test windows x 128 tokens"
+    assert lines[-1].endswith(f"on {6 * 127} test tokens; saved to {tmp_path / 'pruned'}")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
     again = perplexity(reloaded, evaluator.windows).perplexity
     assert again == pytest.approx(summary["perplexity"], rel=1e-5)
