@@ -16,11 +16,15 @@ evaluated.
    expressible with the campaign's primitives, within the size and depth limits, and ranks the
    probe statistics exactly as the original does — zeros and ties included (primitives/probes.py):
    the same masks at every sparsity, not merely close scores. x/x = 1 is algebra, but div(0, 0)
-   is 0: such a rewrite is refused, and the offspring is evaluated as it is.
+   is 0: such a rewrite is refused, and the offspring is evaluated as it is. And the masks the
+   pipeline cuts must be the same: the torch forms at float32, on probes over the ranges real
+   statistics take (G down to 1e-9, X up to 6e4): exp(a)·exp(b) = exp(a + b) on the reals, but
+   not where exp saturates (G ≈ 1e-6) — refused too.
 
 An expression that no longer depends on any terminal, or whose scores are constant on the probe
 tensors, is rejected without an evaluation. The key is `Metric.key` of the tree kept, which is
-sound by the same test: two trees share a key only if they rank the probes alike.
+sound by the same test (`probes.ranks_alike`): two trees share a key only if they rank the exact
+probes alike and cut the same float32 masks on the real-range ones.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import sympy
 from prunerzero.primitives.expression import ExpressionError, Node, from_sympy
 from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.operators import Colnorm, Mms, Rownorm, Zscore
-from prunerzero.primitives.probes import is_constant, probe_scores, same_ranking
+from prunerzero.primitives.probes import float32_scores, is_constant, probe_scores, same_float32_masks, same_ranking
 
 SIMPLIFY_MAX_OPS = 24  # sympy.simplify only below this many operations (it is super-linear)
 SIMPLIFY_SECONDS = 5.0  # and only this long (typical: 10-500 ms)
@@ -155,9 +159,16 @@ def simplify(tree: Node, allowed_ops: frozenset[str] | None = None,
         return Simplified(tree, original.key, "cannot be scored on the probe tensors")
     if is_constant(scores):
         return Simplified(tree, original.key, "constant scores on the probe tensors")
+    scores32 = None  # the original's float32 scores, computed only when a candidate gets that far
     for candidate in (expr, original.sympy):
         new = _as_tree(candidate, allowed_ops, max_depth, max_size)
-        if new is not None and same_ranking(scores, probe_scores(new)):
+        if new is not None and new.tree == tree:
+            return Simplified(tree, original.key)  # nothing to compare: the same tree
+        if new is None or not same_ranking(scores, probe_scores(new)):
+            continue
+        if scores32 is None:
+            scores32 = float32_scores(original)
+        if same_float32_masks(scores32, float32_scores(new)):
             return Simplified(new.tree, new.key)
     return Simplified(tree, original.key)
 

@@ -21,7 +21,7 @@ import torch
 
 from .expression import ExpressionError, Node, compile_tree, from_sympy, parse, to_source, to_sympy
 from .operators import export_source
-from .probes import is_constant, probe_scores, same_ranking
+from .probes import is_constant, probe_scores, ranks_alike
 from .terminals import TERMINALS, terminal_env
 
 
@@ -53,10 +53,12 @@ class Metric:
     @cached_property
     def key(self) -> str:
         """Canonical form of the expression: equal for metrics that SymPy proves equal in form
-        *and* that rank the probe statistics (zeros and ties included) as that form does; the
-        key for de-duplication, the fitness cache and leaderboard rows. A tree whose SymPy form
-        ranks differently (x/x is 1 to SymPy, but div(0, 0) is 0) is keyed by the tree itself,
-        so two metrics that prune differently never share a key."""
+        *and* that rank the probe statistics (zeros and ties included) as that form does, in exact
+        arithmetic and in the float32 masks the pipeline cuts on real ranges (`probes.ranks_alike`);
+        the key for de-duplication, the fitness cache and leaderboard rows. A tree whose SymPy form
+        ranks differently (x/x is 1 to SymPy, but div(0, 0) is 0; exp(a)·exp(b) is exp(a + b), but
+        not where exp saturates) is keyed by the tree itself, so two metrics that prune
+        differently never share a key."""
         if self.sympy.has(sympy.zoo, sympy.oo, sympy.S.NegativeInfinity, sympy.nan):
             # an exact division by 0 or log(0): the scores then depend on the torch epsilons, which
             # the SymPy form drops, so unequal metrics would share a form (both zoo*W for
@@ -71,7 +73,7 @@ class Metric:
             return False
         if str(form) == self.formula:
             return True
-        return same_ranking(probe_scores(self), probe_scores(Metric(str(form), form)))
+        return ranks_alike(self, Metric(str(form), form))
 
     @cached_property
     def needs(self) -> frozenset[str]:

@@ -16,9 +16,11 @@ from prunerzero.primitives.expression import parse, to_sympy
 from prunerzero.primitives.metric import Metric
 from prunerzero.primitives.probes import ranking
 
+# Each rewrite here keeps the masks in exact arithmetic and at float32 on real ranges; those that
+# are algebra but change float32 masks (log(exp(W)) = W rounds small weights together at float32)
+# are refused: tests/test_oos_float32.py.
 TABLE = [
     ("exp(log(X))", "X"),
-    ("log(exp(W))", "W"),
     ("sqrt(sqr(W))", "abs(W)"),
     ("sqr(sqrt(X))", "X"),
     ("sqr(sqrt(W))", "abs(W)"),
@@ -28,11 +30,7 @@ TABLE = [
     ("abs(mul(G, X))", "mul(G, X)"),
     ("add(W, sub(G, G))", "W"),
     ("mms(mms(G))", "mms(G)"),
-    ("mms(zscore(G))", "mms(G)"),
     ("zscore(zscore(W))", "zscore(W)"),
-    ("zscore(mms(W))", "zscore(W)"),
-    ("mms(add(mul(G, X), exp(log(X))))", "mms(mul(X, add(G, 1.0)))"),
-    ("mms(add(sqr(sqrt(W)), W))", "mms(add(W, abs(W)))"),
     ("rownorm(rownorm(G))", "rownorm(G)"),
     ("zscore(neg(W))", "neg(zscore(W))"),
     ("colnorm(add(G, G))", "colnorm(G)"),
