@@ -24,3 +24,31 @@ def tiny_llama():
 def tiny_windows():
     """Random token ids (4 windows x 16 tokens) for the tiny models' vocabulary."""
     return torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def campaign_rows(run_dir):
+    """A finished campaign's evaluations.csv and hall_of_fame.csv, as lists of dicts."""
+    import csv
+
+    def rows(name):
+        with open(run_dir / name, newline="") as f:
+            return list(csv.DictReader(f))
+    return rows("evaluations.csv"), rows("hall_of_fame.csv")
+
+
+@pytest.fixture
+def measured_campaign():
+    """Checks that a real campaign measured its candidates: every one of generation 0 evaluated
+    (not a failure — whose fitness, 1e10, is finite too — not from a cache), the hall of fame's
+    best is the lowest value measured, and `remeasure(formula)` — the evaluator run directly on
+    that formula — gives the same number, which no broken evaluation could. Returns the best."""
+    def check(run_dir, population, remeasure, dense):
+        evaluations, hof = campaign_rows(run_dir)
+        first = [r for r in evaluations if r["generation"] == "0"]
+        assert len(first) == population and len({r["key"] for r in first}) == population
+        assert all(r["status"] == "ok" and r["cached"] == "0" and float(r["seconds"]) > 0 for r in first), first
+        best = float(hof[0]["fitness"])
+        assert best == min(float(r["value"]) for r in evaluations if r["status"] == "ok")
+        assert dense < best and remeasure(hof[0]["formula"]) == pytest.approx(best, rel=1e-6)
+        return best
+    return check
