@@ -2,7 +2,7 @@
 
     tanh(mul(mul(mul(G, sqr(sqr(W))), mul(X, sqr(sqrt(G)))), sqrt(mul(G, W))))
 
-Canonical form: tanh(G**(5/2)*W**4*X*sqrt(Abs(W)))
+Canonical form: tree:tanh(mul(mul(mul(G, sqr(sqr(W))), mul(X, sqr(sqrt(G)))), sqrt(mul(G, W))))
 campaign: smollm2-cpu-joint (run smollm2-cpu-joint-20261207-052403)
 model: smollm2-135m
 corpus: austen
