@@ -31,7 +31,7 @@ from prunerzero.core.paths import atomic_write_text
 from prunerzero.fitness.cache import FitnessCache
 from prunerzero.fitness.pool import Backend, RayBackend, SerialBackend
 from prunerzero.fitness.spec import EvalSpec
-from prunerzero.pruning.candidates import METRIC_FIELDS, data_metric, label
+from prunerzero.pruning.candidates import label, refuse_code
 
 from .config import BackendConfig, CampaignConfig, ConfigError, from_dict
 from .engine import Engine
@@ -150,10 +150,7 @@ def _prepared(config: CampaignConfig, backend: Backend | None):
 def _no_code(config: CampaignConfig) -> None:
     """A config is data (a shared TOML, a run directory's config.json or checkpoint): a metric it
     names may be an exported file, read for its EXPRESSION, never a Python file to import."""
-    for name in METRIC_FIELDS:
-        value = config.problem.get(name)
-        if isinstance(value, str) and ".py" in value:
-            data_metric(value, f"problem.{name}")
+    refuse_code(config.problem, lambda name: f"problem.{name}")
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:

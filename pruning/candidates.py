@@ -149,13 +149,13 @@ def data_metric(spec: str, where: str) -> Metric | CallableMetric:
         raise CandidateError(f"{where}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
 
-def _no_code(data: dict) -> None:
-    """Refuse a field naming a Python file without EXPRESSION before any kind resolves it (a kind
-    may resolve its metric later, and by then the data's origin is forgotten)."""
+def refuse_code(data: Mapping, where: Callable[[str], str]) -> None:
+    """Refuse a field of `data` naming a Python file without EXPRESSION before anything resolves
+    it (it may be resolved later, when the data's origin is forgotten); `where(field)` names it."""
     for name in METRIC_FIELDS:
         value = data.get(name)
         if isinstance(value, str) and ".py" in value:
-            data_metric(value, f"{data.get('kind')} candidate: field {name!r}")
+            data_metric(value, where(name))
 
 
 def _field(data: dict, name: str, kind: type):
@@ -189,7 +189,7 @@ def decode(data: str | dict):
     if not isinstance(data, dict) or data.get("kind") not in KINDS:
         kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise CandidateError(f"unknown candidate kind {kind!r}; kinds: {', '.join(KINDS)}")
-    _no_code(data)
+    refuse_code(data, lambda name: f"{data.get('kind')} candidate: field {name!r}")
     return KINDS[data["kind"]](data)
 
 
