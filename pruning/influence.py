@@ -18,7 +18,7 @@ from prunerzero.core.integrity import CorruptCache, read_checked_json, set_aside
 from prunerzero.core.paths import cache_dir
 
 from .interventions import applied
-from .removal import remove_sublayer
+from .removal import remove_sublayer, replay_prefix
 
 STRIDE = 4  # the removal loss reads every 4th position (see _loss)
 
@@ -133,16 +133,33 @@ def _cached_removal_losses(ctx, windows: int, tokens: int) -> np.ndarray:
 
 @torch.no_grad()
 def _removal_losses(ctx, windows: int, tokens: int) -> np.ndarray:
+    """A removal at block i changes nothing before it: each removal's forward starts from the
+    dense forward's output of block i-1 (recorded once), which halves the work on average and
+    gives the same numbers as a whole forward (the same inputs meet the same blocks)."""
     ids = ctx.calibration[:windows, :tokens].to(ctx.device)
-    base = _loss(ctx.model, ids)
+    outputs: list[torch.Tensor] = []
+    base = _recorded(ctx.model, ctx.adapter.blocks, ids, outputs)
     out = np.zeros((len(ctx.structure.blocks), 2))
     for block in ctx.structure.blocks:
         for k, sublayer in enumerate(block.sublayers[:2]):
             with applied() as edits:
+                replay_prefix(edits, ctx.adapter.blocks, block.index, outputs)
                 remove_sublayer(edits, sublayer)
                 out[block.index, k] = _loss(ctx.model, ids) - base
     ctx.log(f"removal losses of {out.size} sublayers measured on {ids.numel()} tokens")
     return out
+
+
+def _recorded(model, blocks, ids: torch.Tensor, outputs: list) -> float:
+    """The dense loss, with each block's output appended to `outputs` on the way."""
+    def keep(mod, args, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    handles = [block.register_forward_hook(keep) for block in blocks]
+    try:
+        return _loss(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def scale_to_losses(imp: dict[str, np.ndarray], losses: np.ndarray) -> dict[str, np.ndarray]:

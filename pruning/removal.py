@@ -53,6 +53,20 @@ class RemovedBlock(nn.Module):
         return hidden_states
 
 
+class ReplayedBlock(RemovedBlock):
+    """Stands in for a decoder block whose output is already known (from an earlier forward on
+    the same tokens): returns it without computing anything, so a forward that changes only later
+    blocks does not pay again for the ones before."""
+
+    def __init__(self, layer_idx: int, output: torch.Tensor, attention_type: str | None = None) -> None:
+        super().__init__(layer_idx, attention_type)
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        _register_tokens(self.layer_idx, hidden_states, kwargs)
+        return self.output
+
+
 def remove_sublayer(edits: Edits, sublayer) -> None:
     """Replace a block's attention or MLP (a models.structure.Sublayer) by its removed stand-in."""
     if sublayer.kind == "attention":
@@ -65,3 +79,13 @@ def remove_sublayer(edits: Edits, sublayer) -> None:
 def remove_block(edits: Edits, blocks: nn.ModuleList, index: int) -> None:
     block = blocks[index]
     edits.set_module(blocks, str(index), RemovedBlock(index, getattr(block, "attention_type", None)))
+
+
+def replay_prefix(edits: Edits, blocks: nn.ModuleList, index: int, outputs: list[torch.Tensor]) -> None:
+    """Blocks before `index` skipped: block index-1 returns its recorded output `outputs[index-1]`,
+    the ones before it pass their input on (what they return is never read)."""
+    for j in range(index - 1):
+        remove_block(edits, blocks, j)
+    if index:
+        j = index - 1
+        edits.set_module(blocks, str(j), ReplayedBlock(j, outputs[j], getattr(blocks[j], "attention_type", None)))
