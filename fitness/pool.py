@@ -246,7 +246,9 @@ def _ensure_ray(ray, address: str, cpus: float, dashboard: bool) -> bool:
         except Exception as e:  # ConnectionError, AuthenticationError, RuntimeError: Ray raises several
             raise RayConnectionError(connection_advice(address, e)) from None
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=dashboard,
+        # "local": a Ray of its own. Without it ray.init joins whatever cluster this machine
+        # started last (`ray start`, another campaign's), which no option asked for.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=dashboard,
                  log_to_driver=False)
         _reaper = start_reaper()  # a killed driver leaves no Ray agent behind
     return True

@@ -81,6 +81,21 @@ def test_a_campaign_joins_a_token_cluster_as_the_readme_says(ray_head, tmp_path)
     assert "run directory:" in done.stdout and list((tmp_path / "runs").glob("cluster-*/checkpoint.json"))
 
 
+def test_without_an_address_a_campaign_starts_its_own_ray_beside_a_running_cluster(ray_head, tmp_path):
+    """No --address, no RAY_ADDRESS: a Ray of the campaign's own, never the cluster this machine
+    started last (ray.init's default would join the head above, and fail on its token)."""
+    config = tmp_path / "local.toml"
+    config.write_text(f'name = "local"\nruns_dir = "{tmp_path / "runs"}"\ncache = "{tmp_path / "fitness.sqlite"}"\n'
+                      '[eval]\nmodel = "toy"\n[protocol]\ncalib_windows = 4\neval_windows = 8\n'
+                      '[search]\npopulation = 4\ngenerations = 1\nhall_of_fame = 2\n[backend]\nkind = "ray"\nworkers = 1\n')
+    home = tmp_path / "no-token-home"
+    home.mkdir()
+    done = subprocess.run([BIN / "prunerzero", "evolve", str(config)], capture_output=True, text=True, timeout=120,
+                          env=_env(home, PRUNERZERO_CACHE=str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list((tmp_path / "runs").glob("local-*/checkpoint.json"))
+
+
 def test_a_token_not_sent_is_named_as_such(tmp_path, monkeypatch):
     """Ray sends a token to an explicit address only with RAY_AUTH_MODE=token: the message says so
     (it said the token was missing)."""
