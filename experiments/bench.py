@@ -45,7 +45,7 @@ from bench_report import machine, median_ms, merge_reports, report  # noqa: E402
 
 SIZES = {  # protocol and repetition per size; "small" is the CPU campaign's protocol
     # (experiments/smollm2-cpu-unstructured50.toml), "full" the default protocol (GPU)
-    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=3, jobs=2, population=8, generations=20, rungs=2, toy=True,
+    "tiny": dict(seq_len=64, calib=2, windows=2, repeats=1, jobs=2, population=8, generations=20, rungs=2, toy=True,
                  driver_generations=2, driver_population=8),
     "small": dict(seq_len=256, calib=16, windows=16, repeats=7, jobs=4, population=16, generations=20, rungs=3,
                   toy=True, driver_generations=10),
