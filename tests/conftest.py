@@ -1,8 +1,24 @@
-"""Shared fixtures: a tiny random-init Llama and random calibration windows."""
+"""Shared fixtures: a tiny random-init Llama and random calibration windows; and how the suite
+shares the machine when pytest-xdist runs it on several workers (pyproject.toml's addopts)."""
+
+import os
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def _share_the_cores() -> None:
+    """Each xdist worker's torch (and the processes it starts) gets its share of the cores:
+    two workers with every core each would fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_the_cores()
 
 TINY_VOCAB = 128
 
