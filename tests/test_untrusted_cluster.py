@@ -34,15 +34,16 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """README: `ray get-auth-token --generate`, then `RAY_AUTH_MODE=token ray start --head --port P`
     (here with --block, so that ending this one process group stops the head: `ray stop` would
-    stop every Ray on the machine). Yields (port, token)."""
+    stop every Ray on the machine). Its files under ROOT/ray, where Ray run with RAY_TMPDIR=ROOT looks
+    for the cluster this machine started last. Yields (port, token, ROOT)."""
     home = tmp_path / "head-home"  # the head node's ~/.ray/auth_token
     home.mkdir()
     token = subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=_env(home), capture_output=True,
                            text=True, check=True, timeout=60).stdout.strip()
-    port, temp = _free_port(), tempfile.mkdtemp(prefix="pzray", dir="/tmp")  # Ray's socket paths must be short
+    port, root = _free_port(), tempfile.mkdtemp(prefix="pzray", dir="/tmp")  # Ray's socket paths must be short
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "1",
-                             "--include-dashboard=false", "--temp-dir", temp, "--block"],
+                             "--include-dashboard=false", "--temp-dir", f"{root}/ray", "--block"],
                             env=_env(home, RAY_AUTH_MODE="token"), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -50,7 +51,7 @@ def ray_head(tmp_path):
         while "Ray runtime started" not in (tmp_path / "head.log").read_text():
             assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:]
             time.sleep(0.2)
-        yield port, token
+        yield port, token, root
     finally:
         head.terminate()  # `ray start --block` ends the processes it started ...
         try:
@@ -63,11 +64,11 @@ def ray_head(tmp_path):
         except ProcessLookupError:
             pass
         log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_campaign_joins_a_token_cluster_as_the_readme_says(ray_head, tmp_path):
-    port, token = ray_head
+    port, token, _ = ray_head
     config = tmp_path / "cluster.toml"
     config.write_text(f'name = "cluster"\nruns_dir = "{tmp_path / "runs"}"\ncache = "{tmp_path / "fitness.sqlite"}"\n'
                       '[eval]\nmodel = "toy"\n[protocol]\ncalib_windows = 4\neval_windows = 8\n'
@@ -83,7 +84,8 @@ def test_a_campaign_joins_a_token_cluster_as_the_readme_says(ray_head, tmp_path)
 
 def test_without_an_address_a_campaign_starts_its_own_ray_beside_a_running_cluster(ray_head, tmp_path):
     """No --address, no RAY_ADDRESS: a Ray of the campaign's own, never the cluster this machine
-    started last (ray.init's default would join the head above, and fail on its token)."""
+    started last (ray.init's default finds the head above through RAY_TMPDIR, joins it, and fails
+    on its token)."""
     config = tmp_path / "local.toml"
     config.write_text(f'name = "local"\nruns_dir = "{tmp_path / "runs"}"\ncache = "{tmp_path / "fitness.sqlite"}"\n'
                       '[eval]\nmodel = "toy"\n[protocol]\ncalib_windows = 4\neval_windows = 8\n'
@@ -91,7 +93,7 @@ def test_without_an_address_a_campaign_starts_its_own_ray_beside_a_running_clust
     home = tmp_path / "no-token-home"
     home.mkdir()
     done = subprocess.run([BIN / "prunerzero", "evolve", str(config)], capture_output=True, text=True, timeout=120,
-                          env=_env(home, PRUNERZERO_CACHE=str(tmp_path / "cache")))
+                          env=_env(home, PRUNERZERO_CACHE=str(tmp_path / "cache"), RAY_TMPDIR=ray_head[2]))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert list((tmp_path / "runs").glob("local-*/checkpoint.json"))
 
