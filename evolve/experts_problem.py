@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 
 from prunerzero.core.fields import build
-from prunerzero.pruning.experts_plan import ExpertPlan
+from prunerzero.pruning.experts.plan import ExpertPlan
 
 from .genome import Genome, MovesProblem
 

@@ -32,12 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from prunerzero.core.protocol import check_sparsity
+from prunerzero.models.adapter import UnsupportedModelError
+from prunerzero.primitives.stats import ActivationAccumulator, LayerStats, x_for_units
 
-from .apply import unit_scores
-from .attention_loss import OBJECTIVES, AttentionInputs, BlockAttention, Objective
-from .masks import GROUPS, select_mask, zero_masked
-from .sequential import run_sequential
-from .target import PruneReport
+from ..masks import GROUPS, select_mask, zero_masked
+from ..recipe import ModeError, unsupported
+from ..reduce import unit_scores
+from ..report import PruneReport
+from ..sequential import run_sequential
+from .loss import OBJECTIVES, AttentionInputs, BlockAttention, Objective
 
 OTHERS = ("metric", "dense")
 MIN_TOKENS = 8  # fewer tokens per window than this cannot say much about an attention pattern
@@ -188,7 +191,6 @@ class _Grab:
         hidden = args[0] if args else kwargs["hidden_states"]
         pos = kwargs.get("position_embeddings")
         if pos is None:
-            from prunerzero.models.adapter import UnsupportedModelError
 
             raise UnsupportedModelError(f"{type(module).__name__} received no position_embeddings")
         t = self.tokens or hidden.shape[1]
@@ -205,8 +207,6 @@ class _Grab:
 def check_attention(ctx, target: AttentionTarget) -> None:
     """The model has separate q and k projections in every block, and the calibration is large
     enough for the optimiser."""
-    from .modes import ModeError
-
     missing = [b.name for b in ctx.structure.blocks if b.attention is None]
     if missing:
         raise ModeError(f"mode 'attention' needs separate q and k projections (q_proj, k_proj, v_proj, o_proj) in "
@@ -223,10 +223,6 @@ def check_attention(ctx, target: AttentionTarget) -> None:
 def apply_attention(ctx, candidate, target: AttentionTarget) -> PruneReport:
     """Prune `ctx`'s model in place: metric masks everywhere, then q/k masks optimised for the
     attention, block by block."""
-    from prunerzero.primitives.stats import ActivationAccumulator, LayerStats, x_for_units
-
-    from .modes import unsupported
-
     if not callable(candidate) or not hasattr(candidate, "needs"):
         raise unsupported("attention", candidate)
     check_attention(ctx, target)

@@ -35,8 +35,9 @@ from safetensors.torch import load, save
 from prunerzero.core.integrity import CorruptCache, set_aside, sha256
 from prunerzero.core.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
-from .interventions import applied
-from .skipping import Router, budget_share, calibrate_threshold, install
+from ..interventions import applied
+from .lora import train_lora
+from .skipping import Router, budget_share, calibrate_threshold, install, routed
 
 FORMAT = 1
 ALGORITHM = 2  # of training: part of the cache key, so routers trained another way are not taken for these
@@ -156,11 +157,6 @@ def _read_verified(data_path: Path, meta_path: Path) -> tuple[dict, dict[str, to
 
 
 # ------------------------------------------------------------------ training
-def routed(structure, kinds) -> list:
-    """The sublayers that get routers, in block order (attention before MLP)."""
-    return [s for b in structure.blocks for s in b.sublayers if s.kind in kinds]
-
-
 def default_bias(ratio: float) -> float:
     keep = min(max(1.0 - ratio, 1e-3), 1 - 1e-3)
     return math.log(keep / (1 - keep))
@@ -260,7 +256,6 @@ def train(ctx, cfg: TrainConfig, windows: torch.Tensor, holdout: torch.Tensor, f
         (f" (held-out loss {best.loss:.4f})" if best.tensors else " (none seen met the budget on held-out tokens)"))
     result = RouterSet(names, [r.cpu() for r in routers], meta)
     if cfg.lora_steps:
-        from .lora import train_lora
 
         result.lora, result.meta["lora_seconds"] = train_lora(ctx, cfg, result, windows, log)
     return result
