@@ -35,7 +35,8 @@ from ..removal import remove_sublayer
 from ..report import PruneReport
 from ..reshaped import load_reshaped, save_reshaped
 from .lora import apply_deltas
-from .routers import BUDGETS, RouterError, RouterSet, TrainConfig, default_bias, load_or_train, routed, sublayer_costs
+from .routers import (BUDGETS, RouterError, RouterSet, TrainConfig, Training, default_bias, load_or_train, routed,
+                      sublayer_costs)
 from .skipping import EXECUTIONS, Router, calibrate_threshold, install, skip_counts
 
 KINDS = {"both": ("attention", "mlp"), "attention": ("attention",), "mlp": ("mlp",)}
@@ -43,7 +44,10 @@ MARKER = "prunerzero_skip.json"
 
 
 @dataclass(frozen=True)
-class SkipTarget:
+class SkipTarget(Training):
+    """The skip mode's budget and how it is reached; the router training's fields (steps, lr,
+    budget, lora_steps, …) are routers.Training's."""
+
     ratio: float = 0.25  # fraction of (sublayer, token) pairs skipped; static methods: of sublayers removed
     modules: str = "both"  # which sublayers may be skipped: both, attention, mlp
     execution: str = "gather"  # gather: skipped tokens are not computed; multiply: computed, then zeroed
@@ -52,21 +56,6 @@ class SkipTarget:
     router_init: str = "removal"  # a static ranking (shortgpt, removal, a metric) the routers start from, or none
     routers: str = ""  # a directory of routers trained before (routers.safetensors + routers.json)
     calibrate: bool = True  # keep threshold set on calibration tokens so exactly `ratio` is skipped
-    steps: int = 300  # router training (routers.TrainConfig)
-    batch: int = 2
-    seq_len: int = 256
-    lr: float = 5e-3
-    weight: float = 20.0
-    t_start: float = 1.0
-    t_end: float = 0.1
-    explore: float = 0.3
-    budget: str = "modules"  # what the ratio counts: modules (SkipGPT) or flops (what a skipped token saves)
-    holdout: int = 4
-    eval_every: int = 25
-    seed: int = 0
-    lora_steps: int = 0
-    lora_rank: int = 8
-    lora_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0):
@@ -96,8 +85,8 @@ class SkipTarget:
         return f"{self.ratio:g} of {scope} skipped{extra}"
 
     def train_config(self, init: tuple[float, ...] = ()) -> TrainConfig:
-        shared = {f.name for f in dataclasses.fields(TrainConfig)} - {"ratio", "kinds", "init"}
-        return TrainConfig(self.ratio, self.kinds, init=init, **{k: getattr(self, k) for k in shared if hasattr(self, k)})
+        return TrainConfig(self.ratio, self.kinds, init=init,
+                           **{f.name: getattr(self, f.name) for f in dataclasses.fields(Training)})
 
 
 # ------------------------------------------------------------------ static rankings

@@ -49,10 +49,11 @@ class RouterError(ValueError):
     """Routers that do not fit this model or this request (the message says which)."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    ratio: float  # target fraction of (sublayer, token) pairs skipped
-    kinds: tuple[str, ...] = ("attention", "mlp")
+@dataclass(frozen=True, kw_only=True)
+class Training:
+    """How routers are trained: the fields a skip target sets (`--set steps=…`) and TrainConfig
+    carries, declared once (keyword-only, so both add their own positional fields first)."""
+
     steps: int = 300
     batch: int = 2
     seq_len: int = 256
@@ -61,14 +62,20 @@ class TrainConfig:
     t_start: float = 1.0
     t_end: float = 0.1
     explore: float = 0.3  # share of the steps with gate noise (annealed 1 -> 0); then deterministic
-    budget: str = "modules"  # what the ratio counts: "modules" (each sublayer alike) or "flops"
+    budget: str = "modules"  # what the ratio counts: "modules" (each sublayer alike, SkipGPT) or "flops"
     holdout: int = 4  # held-out train windows that choose the best routers seen
     eval_every: int = 25
     seed: int = 0
-    init: tuple[float, ...] = ()  # initial keep-logit bias per routed sublayer (empty: logit(1 - ratio))
     lora_steps: int = 0
     lora_rank: int = 8
     lora_lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainConfig(Training):
+    ratio: float  # target fraction of (sublayer, token) pairs skipped
+    kinds: tuple[str, ...] = ("attention", "mlp")
+    init: tuple[float, ...] = ()  # initial keep-logit bias per routed sublayer (empty: logit(1 - ratio))
     checkpoint_every: int = 25
 
     def key(self, model_id: str, data_id: str) -> str:
