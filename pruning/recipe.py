@@ -94,14 +94,6 @@ class Recipe:
         allocation), else a metric (name, expression or file)."""
         return resolve_candidate(spec, self.methods, self.method_stats)
 
-    def run_method(self, candidate: Method, *args):
-        """Look a method candidate up in the mode's table and run it with `args`."""
-        try:
-            function = self.methods[candidate.name]
-        except KeyError:
-            raise unsupported(self.name, candidate) from None
-        return function(*args)
-
     def leaderboard_targets(self, options: Mapping[str, str | None]) -> list[dict]:
         """One dict of target fields per target a leaderboard run measures, from the CLI's option
         texts (option name -> text, None when not given): the `sweep` field takes each

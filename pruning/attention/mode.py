@@ -6,7 +6,7 @@ linear in them ("Beyond Linear Approximations", Liang et al., ICLR 2025). Here, 
 the q and k masks start as any metric's masks (top-(1-s) of its scores per output row or per
 layer, exactly the unstructured mode's) and are then moved by gradient descent on calibration
 tokens so that every head's attention probabilities — the model's own RoPE, grouped-query
-layout, causal mask (pruning/attention_loss.py) — stay close to the dense model's:
+layout, causal mask (pruning/attention/loss.py) — stay close to the dense model's:
 
 - the parameters are the metric's scores, standardised per comparison group (threshold at 0);
 - a relaxed keep-mask sigmoid((z - t) / tau), t the group's threshold at the target sparsity,
@@ -51,7 +51,7 @@ TAU_END = 0.02  # the relaxation's last temperature, and the straight-through gr
 class AttentionTarget:
     sparsity: float = 0.5  # fraction of q and k (and, with others = "metric", of v, o, MLP) pruned
     group: str = "row"  # comparison group of every mask: "row" (as Wanda) or "layer"
-    objective: str = "frobenius"  # or "kl", "output" (pruning/attention_loss.py)
+    objective: str = "frobenius"  # or "kl", "output" (pruning/attention/loss.py)
     others: str = "metric"  # v, o, MLP: metric masks at `sparsity`, or "dense"
     steps: int = 100  # gradient steps per block (0: the metric's masks, the linear baseline)
     lr: float = 0.05  # Adam's step on the standardised scores

@@ -10,7 +10,7 @@ from prunerzero.primitives.metric import resolve_metric
 
 from ..candidates import CandidateError, _field
 
-METHODS = ("frequency", "gate", "reap", "naee", "random")  # the experts mode's methods (pruning/experts.py)
+METHODS = ("frequency", "gate", "reap", "naee", "random")  # the experts mode's methods (pruning/experts/mode.py)
 
 
 @dataclass(frozen=True)

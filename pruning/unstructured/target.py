@@ -19,7 +19,7 @@ class PruneTarget:
     pattern: str = "unstructured"  # or "N:M" (N kept of every M)
     group: str = "row"  # comparison group for unstructured: "row" or "layer"
     update: str = "none"  # the kept weights refit to the dense outputs: "obs" (SparseGPT's update) or "lsq" (exact)
-    allocation: str = "uniform"  # or "owl": sparsity per block by outlier ratio (pruning/allocation.py)
+    allocation: str = "uniform"  # or "owl": sparsity per block by outlier ratio (pruning/unstructured/allocation.py)
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
