@@ -51,5 +51,9 @@ def only_in(candidate) -> str | None:
     return None
 
 
-for _package in (unstructured, structured, attention, skip, experts):
-    register(_package.RECIPE)
+# the modes, in the order commands list them: a new mode is its package imported above and one line here
+register(unstructured.RECIPE)
+register(structured.RECIPE)
+register(attention.RECIPE)
+register(skip.RECIPE)
+register(experts.RECIPE)
