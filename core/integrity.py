@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from .paths import atomic_write_text
+
 
 class CorruptCache(ValueError):
     """A cache entry that does not verify; the message says why."""
@@ -39,8 +41,6 @@ def set_aside(path: Path, why: str, log=print, then: str = "recomputing") -> Pat
 
 def write_checked_json(path: Path, body, **extra) -> None:
     """`body` as JSON beside the checksum of its canonical text (and `extra` fields, unchecked)."""
-    from .paths import atomic_write_text
-
     text = json.dumps(body, sort_keys=True)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps({**extra, "sha256": sha256(text.encode()), "body": body}, indent=1))

@@ -29,15 +29,18 @@ from rich.console import Console
 
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.fitness.cache import FitnessCache
+from prunerzero.fitness.evaluator import Evaluator
 from prunerzero.fitness.pool import Backend, RayBackend, SerialBackend
 from prunerzero.fitness.spec import EvalSpec
+from prunerzero.primitives.terminals import TERMINALS
 from prunerzero.pruning.candidates import label, refuse_code
 
+from . import simplify
 from .config import BackendConfig, CampaignConfig, ConfigError, from_dict
 from .engine import Engine
-from . import simplify
 from .evaluation import FitnessMap
 from .problems import make_problem
+from .toy import ToyEvaluator
 
 HISTORY_COLUMNS = ["generation", "best_fitness", "median_fitness", "best_formula", "best_key", "unique",
                    "offspring", "evaluations", "cache_hits", "cache_hit_rate", "phenotype_hits", "rejected", "clones", "failed", "eval_windows",
@@ -54,11 +57,8 @@ def evaluator_factory(spec: EvalSpec):
     """A picklable zero-argument constructor of the evaluator for `spec` (model "toy": the
     synthetic evaluator; anything else: the real perplexity Evaluator)."""
     if spec.model == "toy":
-        from .toy import ToyEvaluator
 
         return partial(ToyEvaluator, spec)
-    from prunerzero.fitness.evaluator import Evaluator
-    from prunerzero.primitives.terminals import TERMINALS
 
     # any candidate may read G and X: calibrate both once, up front, not per first use
     return partial(Evaluator, spec, needs=frozenset(TERMINALS))

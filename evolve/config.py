@@ -28,9 +28,10 @@ from pathlib import Path
 from prunerzero.core.fields import build
 from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.spec import EvalSpec
+from prunerzero.pruning.modes import DEFAULT_MODE
 
 from .problem import operator_set
-from .problems import PROBLEMS
+from .problems import PROBLEMS, check_problem
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,7 @@ LEGACY_TARGET_KEYS = ("sparsity", "pattern", "group")  # [eval] keys of the unst
 class EvalConfig:
     model: str = "smollm2-135m"  # "toy" selects the cheap synthetic evaluator (evolve/toy.py)
     corpus: str = "austen"
-    mode: str = "unstructured"  # the pruning mode the candidates are scored under
+    mode: str = DEFAULT_MODE  # the pruning mode the candidates are scored under
     fitness: str = "perplexity"  # or "kl" (to the dense model's next-token distribution)
     device: str = "auto"
     dtype: str = "auto"
@@ -146,6 +147,10 @@ class CampaignConfig:
             where = "" if str(e).startswith("target") else "eval: "
             raise ConfigError(f"{where}{e}") from None
         object.__setattr__(self, "target", dict(spec.target))  # defaults filled in: the resolved config
+        try:
+            check_problem(self.search.problem, spec.mode)  # the mode's recipe names the problems it accepts
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _require(self.protocol.eval_windows >= self.fidelity.eta ** (self.fidelity.rungs - 1),
                  "fidelity.rungs", "leaves less than one evaluation window on the first rung")
 

@@ -17,7 +17,7 @@ genome every campaign starts from (a seed in generation 0).
   keep set stays feasible, as EEP crosses rows of its merge matrices).
 
 Checkpoints, resume, the fitness cache, de-duplication and Ray come from the engine and the
-campaign as for every problem; a candidate is an `ExpertPlan` (pruning/experts.py) as plain data.
+campaign as for every problem; a candidate is an `ExpertPlan` (pruning/experts/mode.py) as plain data.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 
 from prunerzero.core.fields import build
-from prunerzero.pruning.experts_plan import ExpertPlan
+from prunerzero.pruning.experts.plan import ExpertPlan
 
 from .genome import Genome, MovesProblem
 

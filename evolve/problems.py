@@ -9,6 +9,9 @@
 - `experts`: GA over each MoE layer's kept experts, then merge coefficients (EEP; mode
   "experts"; evolve/experts_problem.py).
 
+Which problems a mode accepts is its recipe's `problems` (pruning/recipe.py), checked with the
+campaign config (`check_problem`).
+
 To add a problem: a class with the engine's interface (`toolbox`, `seeds`, `prepare`,
 `candidate`, `describe`, `size`, `fields`, `encode`, `decode`, `name`, `columns`; see
 `problem.MetricProblem` and `genome.GenomeProblem`) and a builder here.
@@ -16,7 +19,13 @@ To add a problem: a class with the engine's interface (`toolbox`, `seeds`, `prep
 
 from __future__ import annotations
 
+from prunerzero.models.loading import count_blocks, model_source, saved_config
+from prunerzero.models.structure import expert_count_attrs
+from prunerzero.pruning.modes import get_mode
+
+from .experts_problem import ExpertsProblem
 from .genome import AllocationProblem
+from .joint_problem import JointProblem
 from .problem import MetricProblem
 
 TOY_BLOCKS = 4  # the toy evaluator's "blocks" (row groups of its one layer)
@@ -30,9 +39,9 @@ def _per_block(config) -> tuple[float, int]:
     """(target sparsity, decoder blocks) for a problem that sets a sparsity per block."""
     spec = config.eval_spec()
     target = spec.prune_target()
-    if spec.mode != "unstructured" or getattr(target, "nm", None) is not None:
-        raise ValueError(f"search.problem: {config.search.problem!r} sets a sparsity per block: it needs mode "
-                         "'unstructured' with an unstructured pattern")
+    if getattr(target, "nm", None) is not None or not hasattr(target, "sparsity"):
+        raise ValueError(f"search.problem: {config.search.problem!r} sets a sparsity per block: it needs a target "
+                         "with a sparsity and an unstructured pattern")
     return target.sparsity, block_count(spec.model)
 
 
@@ -41,17 +50,12 @@ def _allocation(config):
 
 
 def _joint(config):
-    from .joint_problem import JointProblem
 
     return JointProblem(config.search, config.problem, *_per_block(config))
 
 
 def _experts(config):
-    from .experts_problem import ExpertsProblem
-
     spec = config.eval_spec()
-    if spec.mode != "experts":
-        raise ValueError("search.problem: 'experts' evolves expert plans: it needs mode 'experts'")
     target = spec.prune_target()
     if target.allocation != "uniform":
         raise ValueError("search.problem: 'experts' keeps each layer's count; give target.experts or "
@@ -67,12 +71,10 @@ def _experts(config):
 
 def moe_shape(model: str) -> tuple[int, int]:
     """(MoE layers, routed experts per layer) from a model's config alone (no weights loaded)."""
-    from prunerzero.models.loading import model_source, saved_config
-
     config = saved_config(model_source(model))  # a directory a mode saved keeps its real config apart
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    experts = next((getattr(config, a) for a in expert_count_attrs(config) if getattr(config, a)), None)
     if not experts:
         raise ValueError(f"search.problem 'experts': {model} has no routed experts in its config")
     if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
@@ -83,7 +85,6 @@ def moe_shape(model: str) -> tuple[int, int]:
 def block_count(model: str) -> int:
     if model == "toy":
         return TOY_BLOCKS
-    from prunerzero.models.loading import count_blocks
 
     return count_blocks(model)
 
@@ -91,11 +92,17 @@ def block_count(model: str) -> int:
 PROBLEMS = {"metric": _metric, "allocation": _allocation, "joint": _joint, "experts": _experts}
 
 
+def check_problem(problem: str, mode: str) -> None:
+    """A problem the campaign's mode accepts (its recipe's `problems`); errors name the key."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"search.problem: unknown problem {problem!r}; problems: {', '.join(PROBLEMS)}")
+    accepted = get_mode(mode).problems
+    if problem not in accepted:
+        raise ValueError(f"search.problem: {problem!r} does not apply in mode {mode!r}; its problems: "
+                         f"{', '.join(accepted)}")
+
+
 def make_problem(config):
     """The problem a campaign configuration names, built for its model and target."""
-    try:
-        builder = PROBLEMS[config.search.problem]
-    except KeyError:
-        raise ValueError(f"search.problem: unknown problem {config.search.problem!r}; "
-                         f"problems: {', '.join(PROBLEMS)}") from None
-    return builder(config)
+    check_problem(config.search.problem, config.eval.mode)
+    return PROBLEMS[config.search.problem](config)

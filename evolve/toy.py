@@ -24,6 +24,7 @@ from prunerzero.fitness.spec import EvalSpec
 from prunerzero.pruning.candidates import Allocation
 from prunerzero.pruning.masks import MaskDigest
 
+from .config import from_dict
 from .problems import TOY_BLOCKS
 
 ROWS_PER_WINDOW = 4
@@ -110,8 +111,6 @@ class ToyEvaluator:
 def toy_config(root: str | Path, name: str = "toy", **sections):
     """A small campaign on the toy evaluator under `root` (runs and cache), for tests and demos.
     `sections` override whole tables by name, e.g. search={"population": 8}."""
-    from .config import from_dict
-
     data = {"name": name, "runs_dir": str(Path(root) / "runs"), "cache": str(Path(root) / "fitness.sqlite"),
             "eval": {"model": "toy"}, "protocol": {"calib_windows": 4, "eval_windows": 8},
             "search": {"population": 12, "generations": 3, "hall_of_fame": 5}}

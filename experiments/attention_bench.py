@@ -24,12 +24,12 @@ import torch
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
-from prunerzero.pruning.apply import unit_scores
-from prunerzero.pruning.attention import AttentionTarget, _Grab, optimise_qk
-from prunerzero.pruning.attention_loss import BlockAttention, Objective
+from prunerzero.pruning.reduce import unit_scores
+from prunerzero.pruning.attention.mode import AttentionTarget, _Grab, optimise_qk
+from prunerzero.pruning.attention.loss import BlockAttention, Objective
 from prunerzero.pruning.sequential import run_sequential
-from prunerzero.pruning.sparsegpt import HessianAccumulator, sparsegpt_unit
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.sparsegpt import HessianAccumulator, sparsegpt_unit
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_report import machine  # noqa: E402  (a sibling script)

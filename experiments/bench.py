@@ -38,7 +38,7 @@ from prunerzero.fitness.pool import Job, RayBackend
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import resolve_metric
 from prunerzero.core.protocol import Protocol
-from prunerzero.pruning.apply import unit_scores
+from prunerzero.pruning.reduce import unit_scores
 from prunerzero.pruning.masks import select_mask, zero_masked
 
 from bench_report import machine, median_ms, merge_reports, report  # noqa: E402  (a sibling script)

@@ -37,7 +37,7 @@ from prunerzero.core.protocol import Protocol  # noqa: E402
 from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
 from prunerzero.fitness.spec import EvalSpec  # noqa: E402
 from prunerzero.fitness.speed import compare, ratio  # noqa: E402
-from prunerzero.pruning.skipping import skip_counts  # noqa: E402
+from prunerzero.pruning.skip.skipping import skip_counts  # noqa: E402
 
 DISCOVERED = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-1.py:metric"
 STATIC = [("ShortGPT (sublayers)", "shortgpt"), ("removal loss", "removal"),

@@ -33,8 +33,8 @@ from prunerzero.core.protocol import Protocol  # noqa: E402
 from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
 from prunerzero.fitness.spec import EvalSpec  # noqa: E402
 from prunerzero.fitness.speed import compare, ratio  # noqa: E402
-from prunerzero.pruning.latency import cached  # noqa: E402
-from prunerzero.pruning.structured import latency_table  # noqa: E402
+from prunerzero.pruning.structured.latency import cached  # noqa: E402
+from prunerzero.pruning.structured.mode import latency_table  # noqa: E402
 
 DISCOVERED = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-1.py:metric"
 # (label, candidate, target fields beyond the budget): the MILP with each importance, then the baselines

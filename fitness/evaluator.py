@@ -27,8 +27,8 @@ from prunerzero.models.adapter import ModelAdapter
 from prunerzero.models.corpora import bos_token, load_tokenized
 from prunerzero.models.loading import load_model
 from prunerzero.primitives.stats import load_or_collect, stats_cache_path
-from prunerzero.pruning.apply import DenseSnapshot
 from prunerzero.pruning.context import PruneContext
+from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.modes import get_mode
 
 __all__ = ["EvalSpec", "Evaluator", "FitnessResult", "WORST_FITNESS"]

@@ -29,11 +29,12 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Protocol
 
 from prunerzero.core.results import FitnessResult
 from prunerzero.fitness.reaper import start_reaper, stop_reaper
-from prunerzero.pruning.candidates import decode, label
+from prunerzero.pruning.modes import decode, label  # the registry: every mode's candidate kinds
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class RayBackend:
     def __init__(self, factory: Callable[[], object], workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, retries: int = 2, timeout_s: float = 0.0,
                  address: str = "", dashboard: bool = False):
+        # ray takes seconds to import: only the Ray backend needs it
         import ray
 
         self.ray = ray
@@ -268,6 +270,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         hostport = address[len("ray://"):]
     else:
         try:
+            # ray: only joining a cluster needs it
             from ray._private.services import canonicalize_bootstrap_address_or_die
 
             hostport = canonicalize_bootstrap_address_or_die(address)
@@ -316,7 +319,5 @@ def _token_mode() -> bool:
 def _token_here() -> bool:
     """Whether a Ray token is on this machine where Ray looks: RAY_AUTH_TOKEN, the file
     RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token."""
-    from pathlib import Path
-
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path or Path.home() / ".ray" / "auth_token").is_file()

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from prunerzero.core.protocol import Protocol
-from prunerzero.pruning.modes import get_mode, target_fields
+from prunerzero.pruning.modes import DEFAULT_MODE, get_mode, target_fields
 
 from .measures import MEASURES
 
@@ -29,7 +29,7 @@ class EvalSpec:
     protocol: Protocol = field(default_factory=Protocol)
     device: str = "auto"  # "auto" picks cuda when there is one
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
-    mode: str = "unstructured"  # pruning/modes.py
+    mode: str = DEFAULT_MODE  # pruning/modes.py
     target: dict = field(default_factory=dict)  # the mode's target fields (defaults filled in)
     fitness: str = "perplexity"  # fitness/measures.py
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .units import DEFAULT_PRUNED_ROLES, ROLES, InputTap, PrunableUnit, TapFn
+from .structure import ModelStructure
+from .units import DEFAULT_PRUNED_ROLES, ROLES, InputTap, PrunableUnit, TapFn, UnsupportedModelError
 
 # Role of an nn.Linear by its attribute name; Mixtral-style w1/w3/w2 are gate/up/down.
 ROLE_BY_NAME = {
@@ -39,10 +40,6 @@ ROLE_BY_NAME = {
 # Layout flags that transformers' `use_experts_implementation` records on fused experts, with
 # the values whose (E, 2I, H) / (E, H, I) slices are (out, in) weights without a bias.
 _EXPERTS_LAYOUT = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True}
-
-
-class UnsupportedModelError(ValueError):
-    """The model's structure is not one the adapter understands."""
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -233,8 +230,6 @@ class ModelAdapter:
     @cached_property
     def structure(self):
         """Heads, KV heads, MLP channels, experts, sublayers and blocks (models/structure.py)."""
-        from .structure import ModelStructure
-
         return ModelStructure(self)
 
     def prunable(self, roles: Iterable[str] = DEFAULT_PRUNED_ROLES) -> list[PrunableUnit]:

@@ -220,6 +220,7 @@ def mobydick_text_from_rdata(data_dir: Path) -> str:
 
 
 def _parse_r(raw: bytes):
+    # rdata: only the mobydick fetcher reads R data
     import rdata
 
     with warnings.catch_warnings():
@@ -242,6 +243,7 @@ def _fetch_c4() -> str:
 def _hf_load(name: str, *args, **kwargs):
     hint = "without hub access use 'austen' or a path to a text file"
     try:
+        # datasets: the optional `hf` extra (pyproject.toml)
         import datasets
     except ImportError as e:
         raise CorpusError(

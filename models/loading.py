@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model as load_safetensors
+
+from prunerzero.core.paths import atomic_write_text
 
 from . import zoo
 
@@ -75,8 +78,6 @@ LOADER = "prunerzero.models.loading.load_model"
 
 def save_reshaped_config(config, out: Path, marker: str, mode: str) -> None:
     """Write a reshaped model's config: the real one as REAL_CONFIG, a guard as config.json."""
-    from prunerzero.core.paths import atomic_write_text
-
     out = Path(out)
     atomic_write_text(out / REAL_CONFIG, config.to_json_string())
     note = (f"prunerzero-{mode}: saved by prunerzero's {mode} mode in a shape transformers cannot express; "
@@ -87,6 +88,7 @@ def save_reshaped_config(config, out: Path, marker: str, mode: str) -> None:
 
 def saved_config(path):
     """The model config of a directory: REAL_CONFIG where a pruning mode wrote one, else config.json."""
+    # transformers takes seconds to import: only reading a model's config needs it
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -103,11 +105,9 @@ def saved_config(path):
 def load_saved_weights(model, path, marker: str) -> None:
     """A reshaped directory's tensors into the model its marker shaped, strictly (a missing or
     mis-shaped tensor is an error naming both files, in one line)."""
-    from safetensors.torch import load_model
-
     path = Path(path)
     try:
-        load_model(model, str(path / "model.safetensors"), strict=True)
+        load_safetensors(model, str(path / "model.safetensors"), strict=True)
     except (OSError, RuntimeError, ValueError) as e:  # torch's size mismatch, safetensors' header errors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelLoadError(f"{path / 'model.safetensors'} does not fit {path / marker}: {first}") from None
@@ -124,6 +124,7 @@ def _guard_marker(src: str) -> str | None:
 
 
 def _from_pretrained(src: str, dtype: torch.dtype):
+    # transformers takes seconds to import: only building a model needs it
     from transformers import AutoModelForCausalLM
 
     for marker, load in RESHAPED.items():
@@ -140,6 +141,7 @@ def _from_pretrained(src: str, dtype: torch.dtype):
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    # transformers takes seconds to import: only loading a model needs it
     from transformers import AutoTokenizer
 
     dev = resolve_device(device)

@@ -43,6 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunerzero.core.integrity import CorruptCache
+from prunerzero.core.paths import atomic_write_text
+
+from .adapter import ModelAdapter
+from .corpora import load_tokenized
+from .loading import load_model
+from .zoo import sha256_file
+
 
 class MoefyError(ValueError):
     """A dense model or recipe MoEfication cannot take (the message names it)."""
@@ -155,6 +163,7 @@ def split_neurons(acts: torch.Tensor, experts: int, shared: int, iters: int, see
 # ------------------------------------------------------------------ the MoE model
 def moe_config(dense_config, recipe: Recipe, top_k: int | None = None):
     """A Qwen2-MoE config with the dense Llama config's attention, norms, rotary and vocabulary."""
+    # transformers takes seconds to import: only the MoEfication needs it
     from transformers import Qwen2MoeConfig
 
     c = dense_config
@@ -182,9 +191,9 @@ def moe_from_dense(dense: nn.Module, splits: list[Split], recipe: Recipe, top_k:
     """The Qwen2-MoE model holding the dense model's weights, MLP `b` split by `splits[b]`: each
     routed expert's down_proj scaled by E, the shared expert's by 2; routers and the shared
     expert's gate zero (uniform routing: the dense model when all E experts are active)."""
+    # transformers takes seconds to import: only the MoEfication needs it
     from transformers import Qwen2MoeForCausalLM
 
-    from .adapter import ModelAdapter
 
     E = recipe.experts
     moe = Qwen2MoeForCausalLM(moe_config(dense.config, recipe, top_k)).eval().requires_grad_(False)
@@ -275,8 +284,6 @@ def install_routers(moe: nn.Module, mlps, splits: list[Split], xs: list[torch.Te
 def moefy(dense: nn.Module, windows: torch.Tensor, recipe: Recipe, log=lambda msg: None):
     """(MoE model, each MLP's Split, per-layer relative MLP error) derived from `dense` on
     calibration `windows`."""
-    from .adapter import ModelAdapter
-
     mlps = ModelAdapter(dense).structure.mlps
     if not mlps:
         raise MoefyError("the model has no dense gated MLP to split into experts")
@@ -305,12 +312,6 @@ def build(out: Path, base: str = "smollm2-135m", corpus: str = "austen", recipe:
     """Derive the MoE from the zoo's dense `base` on `corpus`'s train split and save it (config,
     safetensors, tokenizer, and a manifest: recipe, per-layer router error, sha256 of the
     weights) into `out`, atomically (a directory renamed into place)."""
-    from prunerzero.core.paths import atomic_write_text
-
-    from .corpora import load_tokenized
-    from .loading import load_model
-    from .zoo import sha256_file
-
     t0 = time.perf_counter()
     dense = load_model(base, device="cpu", dtype="float32")
     windows = load_tokenized(corpus, dense.tokenizer).calibration(recipe.calib_windows, recipe.seq_len, recipe.seed)
@@ -341,11 +342,6 @@ def verify(out: Path, recipe: Recipe = Recipe()) -> None:
     """Raise CorruptCache unless `out` holds the MoE this recipe builds, intact: the manifest's
     recipe, and the weights' sha256 (hashed again only when their size or time changed since
     the last check, which is then recorded)."""
-    from prunerzero.core.integrity import CorruptCache
-    from prunerzero.core.paths import atomic_write_text
-
-    from .zoo import sha256_file
-
     try:
         doc = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as e:

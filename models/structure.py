@@ -14,13 +14,23 @@ metric scores (one tensor per unit) reduce to any group by slicing (pruning/redu
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from .units import PrunableUnit
+from .units import PrunableUnit, UnsupportedModelError
+
+# The attributes that hold an MoE's routed expert count, on configs, MoE modules and routers (by family:
+# Mixtral's num_local_experts, Qwen-MoE's num_experts): every reader and writer of the count uses these.
+EXPERT_COUNTS = ("num_local_experts", "num_experts")
+
+
+def expert_count_attrs(obj) -> list[str]:
+    """The expert-count attributes `obj` (a config, an MoE module, a router) has, as integers."""
+    return [a for a in EXPERT_COUNTS if isinstance(getattr(obj, a, None), int)]
+
 
 KINDS = ("head", "kv_head", "channel", "expert", "sublayer", "block")
 
@@ -329,8 +339,6 @@ def _fused(module: nn.Module) -> bool:
 
 
 def _attention(model: nn.Module, index: int, name: str, roles: dict[str, PrunableUnit]) -> Attention:
-    from .adapter import UnsupportedModelError
-
     module = model.get_submodule(name)
     q, k = roles["q"], roles["k"]
     config = getattr(model, "config", None)

@@ -1,6 +1,6 @@
 """How long one forward of a model takes, wall clock: a prefill, and decoded tokens with the KV
 cache. The one implementation behind `fitness/speed.py` (pruned against dense, interleaved) and
-`pruning/latency.py` (per-sublayer latency tables, whose hooks record only inside `timed`)."""
+`pruning/structured/latency.py` (per-sublayer latency tables, whose hooks record only inside `timed`)."""
 
 from __future__ import annotations
 

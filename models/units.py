@@ -20,6 +20,11 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down", "router", "shared_gate", "ski
 DEFAULT_PRUNED_ROLES = frozenset(ROLES) - {"router", "shared_gate", "skip_router"}
 
 
+
+class UnsupportedModelError(ValueError):
+    """The model's structure is not one the adapter understands."""
+
+
 @dataclass(frozen=True, eq=False)
 class PrunableUnit:
     name: str  # unique, e.g. "model.layers.3.self_attn.q_proj", "model.layers.3.mlp.experts.gate_up_proj[5].gate"

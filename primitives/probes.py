@@ -12,7 +12,7 @@ reducers of the structural modes add scores up). Orders are compared in exact ar
 that differ only by float rounding count as tied (`exact_ties`).
 
 Exact arithmetic is not what the pipeline prunes with: it computes scores at float32
-(`pruning/apply.py`) on statistics that span many decades (G down to 1e-9, X up to 6e4), where
+(`pruning/unstructured/mode.py`) on statistics that span many decades (G down to 1e-9, X up to 6e4), where
 `exp` saturates (`exp(W/G)` is clamped wherever G ≈ 1e-6), `exp(-X)` underflows to 0 and
 `1 + G` rounds to 1 — so `exp(a)·exp(b)` and `exp(a + b)`, or `G·X + X` and `X·(1 + G)`, cut
 different weights though they are equal on the reals (and `exact_ties`, which calls a value

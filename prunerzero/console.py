@@ -41,6 +41,7 @@ def plain_when_piped() -> None:
     """Not a terminal (CI, | tee, nohup): transformers' progress bars redraw with carriage
     returns, which a log file shows as one line of many events — turn them off there."""
     if not sys.stderr.isatty():
+        # transformers takes seconds to import: only a command that runs loads it (--help stays fast)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

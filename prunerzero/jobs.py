@@ -8,20 +8,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from prunerzero import __version__
 from prunerzero.core.protocol import Protocol
 from prunerzero.fitness import speed as speed_of
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
-from prunerzero.pruning.candidates import Allocation, Method
-from prunerzero.pruning.experts_plan import ExpertPlan
-from prunerzero.pruning.modes import ModeError, get_mode
-from prunerzero.pruning.target import PruneTarget
-
-
-# Candidate kinds only one mode applies (a metric applies in every mode, a method where the mode
-# names it): a candidate file of another kind ends the command before anything loads.
-ONLY_IN = {Allocation: "unstructured", ExpertPlan: "experts"}
-
+from prunerzero.models.corpora import FETCHERS, load_text
+from prunerzero.models.loading import model_source, resolve_device, resolve_dtype
+from prunerzero.pruning.candidates import Method
+from prunerzero.pruning.modes import DEFAULT_MODE, ModeError, get_mode, only_in
 
 def _candidate(mode, spec):
     """(name, formula, key, candidate) for a metric spec or one of the mode's method names. The
@@ -34,7 +30,9 @@ def _candidate(mode, spec):
 
 
 def _check_applies(mode, spec, thing) -> None:
-    only = ONLY_IN.get(type(thing))
+    """A candidate of a kind only one mode applies (its recipe's `kinds`; a metric applies in every
+    mode, a method where the mode names it): another mode ends the command before anything loads."""
+    only = only_in(thing)
     if only is not None and only != mode.name:
         raise ModeError(f"{spec}: a {type(thing).__name__} candidate applies in mode {only!r}, not {mode.name!r}")
     if isinstance(thing, Method) and thing.name not in mode.methods:
@@ -45,9 +43,6 @@ def _check_applies(mode, spec, thing) -> None:
 def check_inputs(model: str, corpus: str = "austen", device: str = "auto", dtype: str = "auto") -> None:
     """Fail on a bad model name, corpus, device or dtype before anything loads — and before a
     metric file is imported (importing a file runs it: only once every other input is good)."""
-    from prunerzero.models.corpora import FETCHERS, load_text
-    from prunerzero.models.loading import model_source, resolve_device, resolve_dtype
-
     model_source(model, fetch=False)
     resolve_dtype(dtype, resolve_device(device))
     if corpus not in FETCHERS and not Path(corpus).expanduser().is_file():
@@ -55,8 +50,6 @@ def check_inputs(model: str, corpus: str = "austen", device: str = "auto", dtype
 
 
 def _device_name(ev: Evaluator) -> str:
-    import torch
-
     dev = ev.lm.device
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} ({str(ev.lm.dtype).replace('torch.', '')})"
@@ -65,17 +58,6 @@ def _device_name(ev: Evaluator) -> str:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def unstructured_targets(sparsities, patterns, group: str = "row") -> list[dict]:
-    """Targets of the unstructured mode: each unstructured sparsity, and each N:M pattern once."""
-    out = []
-    for pattern in patterns:
-        if pattern.strip().lower() == "unstructured":
-            out += [asdict(PruneTarget(s, "unstructured", group)) for s in sparsities]
-        else:
-            out.append(asdict(PruneTarget(0.0, pattern, group)))
-    return out
 
 
 @dataclass(frozen=True)
@@ -102,7 +84,7 @@ class SpeedProtocol:
 def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: list[float] | None = None,
                      patterns: list[str] | None = None, group: str = "row", protocol: Protocol | None = None,
                      split: str = "test", device: str = "auto", dtype: str = "auto", log=print, on_row=None,
-                     mode: str = "unstructured", targets: list[dict] | None = None,
+                     mode: str = DEFAULT_MODE, targets: list[dict] | None = None,
                      speed: SpeedProtocol | None = None) -> list[dict]:
     """Evaluate every (metric or method, target) of one mode under one protocol; one row each (see
     prunerzero.leaderboard.COLUMNS). Unstructured targets may be given as `sparsities` x
@@ -110,8 +92,9 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
     pruned model's prefill and decode speed is measured beside the dense model's (interleaved)."""
     protocol = protocol or Protocol()
     the_mode = get_mode(mode)
-    if targets is None:
-        targets = unstructured_targets(sparsities or [0.5], patterns or ["unstructured"], group)
+    if targets is None:  # the mode's leaderboard targets from these options (sparsities x patterns: unstructured)
+        targets = the_mode.leaderboard_targets({"sparsity": ",".join(repr(float(s)) for s in sparsities or [0.5]),
+                                                "pattern": ",".join(patterns or ["unstructured"]), "group": group})
     resolved_targets = [the_mode.make_target(t) for t in targets]  # bad input fails before loading anything
     check_inputs(model, corpus, device, dtype)
     resolved = [_candidate(the_mode, m) for m in metrics]  # last: a metric file may be imported
@@ -157,7 +140,7 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
 
 def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "austen",
                    protocol: Protocol | None = None, device: str = "auto", dtype: str = "auto",
-                   measure: bool = True, log=print, mode: str = "unstructured") -> dict:
+                   measure: bool = True, log=print, mode: str = DEFAULT_MODE) -> dict:
     """Prune a model with a metric or one of the mode's methods and save it so `from_pretrained`
     loads it (or, for a mode that changes the model's shape, as that mode saves it); the
     per-unit report goes beside it as prune_report.csv."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from prunerzero.core.paths import atomic_write_text
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 COLUMNS = [
     "metric", "formula", "key", "model", "corpus", "protocol", "protocol_id", "stats_mode", "split",
@@ -72,8 +73,6 @@ def read(path: Path = DEFAULT_PATH) -> pd.DataFrame:
 
 def _upgrade(df: pd.DataFrame) -> pd.DataFrame:
     """Rows written before modes existed are unstructured rows whose budget is their target."""
-    from prunerzero.pruning.target import PruneTarget
-
     old = df["mode"] == ""
     if old.any():
         df.loc[old, "mode"] = "unstructured"
@@ -174,6 +173,7 @@ def _label(name: str, width: int = 28) -> str:
 
 def plot(df: pd.DataFrame, path: Path) -> None:
     """Horizontal bars of perplexity per metric, one panel per (mode, budget), dense dashed."""
+    # matplotlib: only --plot draws
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,19 +11,23 @@ Data never runs code: a metric named in a candidate's data (an allocation's `met
 `order`) may be a built-in, an expression or an exported file (its EXPRESSION is read, nothing in
 it runs), never a Python file to import — `decode` refuses one, naming the field.
 
-To add a kind: a frozen dataclass with `key`, `name`, `formula` and `to_data()`, registered in
-`KINDS` with the function that rebuilds it from its data.
+To add a kind: a frozen dataclass with `key`, `name`, `formula`, `to_data()` and the classmethod
+`from_data(data)`, named in its mode's recipe (`kinds`); registering the recipe adds it to `KINDS`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from prunerzero.primitives.metric import CallableMetric, Metric, resolve_metric
+
+from .masks import MaskDigest
 
 
 class CandidateError(ValueError):
@@ -85,6 +89,13 @@ class Allocation:
     def to_data(self) -> dict:
         return {"kind": "allocation", "metric": self.metric, "sparsities": [float(s) for s in self.sparsities]}
 
+    @classmethod
+    def from_data(cls, data: dict) -> Allocation:
+        sparsities = _field(data, "sparsities", list)
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sparsities):
+            raise CandidateError(f"allocation sparsities must be numbers, got {sparsities!r}")
+        return cls(_field(data, "metric", str), tuple(float(s) for s in sparsities))
+
 
 def allocation_key(sparsities, metric_key: str) -> str:
     return f"allocation[{','.join(f'{s:.6g}' for s in sparsities)}]:{metric_key}"
@@ -107,8 +118,6 @@ class MaskSet:
 
     @property
     def key(self) -> str:
-        from .masks import MaskDigest
-
         digest = MaskDigest()
         for unit_name in sorted(self.masks):
             digest.add(unit_name, self.masks[unit_name])
@@ -130,14 +139,9 @@ def _method(data: dict):
     return Method(_field(data, "name", str))
 
 
-def _allocation(data: dict):
-    sparsities = _field(data, "sparsities", list)
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sparsities):
-        raise CandidateError(f"allocation sparsities must be numbers, got {sparsities!r}")
-    return Allocation(_field(data, "metric", str), tuple(float(s) for s in sparsities))
-
-
-KINDS: dict[str, Callable[[dict], object]] = {"metric": _metric, "method": _method, "allocation": _allocation}
+# The kinds every mode takes; a mode's own kinds (an allocation, an expert plan) join when the
+# registry (modes.py) registers its recipe.
+KINDS: dict[str, Callable[[dict], object]] = {"metric": _metric, "method": _method}
 METRIC_FIELDS = ("metric", "order")  # fields of a kind's data that may name a metric file
 
 
@@ -169,9 +173,6 @@ def _field(data: dict, name: str, kind: type):
 def read_candidate_file(path) -> object:
     """A candidate saved as JSON data (`prunerzero export` of an allocation or joint campaign):
     plain data, nothing executed — a metric it names is never imported. Errors name the file."""
-    import json
-    from pathlib import Path
-
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:

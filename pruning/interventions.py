@@ -82,3 +82,18 @@ def applied(edits: Edits | None = None):
         yield edits
     finally:
         edits.restore()
+
+
+class DenseSnapshot:
+    """A copy of the prunable weights taken once; `restore()` writes them back bit-identically.
+    An evaluator keeps one for its lifetime: one extra copy of the pruned weights, never one per
+    candidate."""
+
+    def __init__(self, units, device: str | torch.device | None = None) -> None:
+        self.units = list(units)
+        self.copies = [u.weight.detach().to(device or u.weight.device, copy=True) for u in self.units]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for u, w in zip(self.units, self.copies):
+            u.weight.copy_(w)

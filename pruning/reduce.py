@@ -19,10 +19,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .apply import unit_scores
-
 REDUCERS = ("sum", "mean", "max", "norm")
 NORMALIZERS = ("none", "mean", "max")
+
+
+@torch.no_grad()
+def unit_scores(metric, unit, stats) -> torch.Tensor:
+    """Scores for one unit, computed in float32 whatever the weight's dtype."""
+    G, X = stats.for_unit(unit.name, metric.needs)
+    dev = unit.weight.device
+    G = G.to(dev, torch.float32) if G is not None else None
+    X = X.to(dev, torch.float32) if X is not None else None
+    return metric(unit.weight.float(), G, X)
 
 
 def check_reducer(reducer: str, normalize: str = "none") -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from prunerzero.models.structure import Attention, Experts, Mlp
+from prunerzero.models.structure import Attention, Experts, Mlp, expert_count_attrs
 
 from .interventions import Edits
 
@@ -129,9 +129,8 @@ def remove_experts(edits: Edits, experts: Experts, keep: Sequence[int],
     if getattr(router, "bias", None) is not None:
         edits.set_param(router, "bias", router.bias.index_select(0, idx))
     for mod in (module, router, experts.moe):
-        for attr in ("num_experts", "num_local_experts"):
-            if isinstance(getattr(mod, attr, None), int):
-                edits.set_attr(mod, attr, len(keep))
+        for attr in expert_count_attrs(mod):
+            edits.set_attr(mod, attr, len(keep))
     if experts.top_k > len(keep):
         set_top_k(edits, experts, len(keep))
 

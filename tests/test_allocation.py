@@ -6,10 +6,10 @@ import torch
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import builtin
 from prunerzero.primitives.stats import LayerStats, collect_stats
-from prunerzero.pruning.allocation import owl_ratios, owl_sparsities
+from prunerzero.pruning.unstructured.allocation import owl_ratios, owl_sparsities
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import get_mode
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 from test_adapter import build
 

@@ -13,12 +13,12 @@ from prunerzero.cli import app
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import resolve_metric
 from prunerzero.primitives.stats import collect_stats
-from prunerzero.pruning.apply import DenseSnapshot
-from prunerzero.pruning.attention import AttentionTarget, _Grab, optimise_qk
-from prunerzero.pruning.attention_loss import BlockAttention, Objective
+from prunerzero.pruning.interventions import DenseSnapshot
+from prunerzero.pruning.attention.mode import AttentionTarget, _Grab, optimise_qk
+from prunerzero.pruning.attention.loss import BlockAttention, Objective
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import ModeError, get_mode
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -109,7 +109,7 @@ def test_mode_prunes_every_block_and_restores_exactly(tiny_llama, tiny_windows):
 
 
 def _wanda_scores(ctx, a):
-    from prunerzero.pruning.apply import unit_scores
+    from prunerzero.pruning.reduce import unit_scores
 
     stats = ctx.stats(frozenset({"X"}))
     return unit_scores(resolve_metric("wanda"), a.q, stats), unit_scores(resolve_metric("wanda"), a.k, stats)

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.models import loading
 from prunerzero.primitives.stats import collect_stats
-from prunerzero.pruning import experts as ex
-from prunerzero.pruning.apply import DenseSnapshot
+from prunerzero.pruning.experts import mode as ex
+from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.candidates import decode, encode
 from prunerzero.pruning.context import PruneContext
-from prunerzero.pruning.experts_signals import (alignment, all_expert_outputs, expert_forward, moe_output,
+from prunerzero.pruning.experts.signals import (alignment, all_expert_outputs, expert_forward, moe_output,
                                                 naee_keep, permute_neurons, route)
 from prunerzero.pruning.interventions import applied
 from prunerzero.pruning.modes import ModeError, get_mode

@@ -13,7 +13,7 @@ from prunerzero.evolve.evaluation import Measured
 from prunerzero.evolve.experts_problem import ExpertsProblem
 from prunerzero.evolve.problems import make_problem
 from prunerzero.fitness.evaluator import FitnessResult
-from prunerzero.pruning.apply import DenseSnapshot
+from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.candidates import decode
 from prunerzero.pruning.modes import get_mode
 from test_adapter import build

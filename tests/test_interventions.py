@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from prunerzero.models.adapter import ModelAdapter
-from prunerzero.pruning.apply import DenseSnapshot
+from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.interventions import Edits, applied
 from prunerzero.pruning.slicing import remove_experts, set_top_k, slice_attention, slice_mlp
 

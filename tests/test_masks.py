@@ -8,11 +8,13 @@ import torch
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import Metric, builtin
 from prunerzero.primitives.stats import collect_stats
-from prunerzero.pruning.apply import DenseSnapshot, prune_with_metric
-from prunerzero.pruning.apply import prune_with_metric_sequential
+from prunerzero.pruning.interventions import DenseSnapshot
+from prunerzero.pruning.unstructured.mode import prune_with_metric
+from prunerzero.pruning.unstructured.mode import prune_with_metric_sequential
 from prunerzero.pruning.masks import (PatternError, check_pattern_fits, nm_mask, pack_on_device, packed, select_mask,
                                       zero_masked)
-from prunerzero.pruning.target import PruneReport, PruneTarget
+from prunerzero.pruning.report import PruneReport
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 
 def ref_row_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:

@@ -7,7 +7,7 @@ from prunerzero.cli import app
 from prunerzero.primitives.metric import Metric
 from prunerzero.pruning.candidates import Allocation, CandidateError, Method, decode, encode, label
 from prunerzero.pruning.modes import MODES, ModeError, get_mode
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 
 def test_registry_names_modes_targets_and_methods():

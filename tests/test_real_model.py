@@ -11,7 +11,7 @@ from prunerzero.jobs import leaderboard_rows, prune_and_save
 from prunerzero.leaderboard import IDENTITY, append, read
 from prunerzero.primitives.metric import resolve_metric
 from prunerzero.core.protocol import Protocol
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 pytestmark = pytest.mark.real
 

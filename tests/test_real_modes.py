@@ -7,7 +7,7 @@ from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.pruning.candidates import Allocation, MaskSet
 from prunerzero.pruning.masks import select_mask
-from prunerzero.pruning.apply import unit_scores
+from prunerzero.pruning.reduce import unit_scores
 
 pytestmark = pytest.mark.real
 

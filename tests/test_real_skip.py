@@ -10,7 +10,7 @@ from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.fitness.perplexity import perplexity
 from prunerzero.models.loading import load_model
-from prunerzero.pruning.skipping import skip_counts
+from prunerzero.pruning.skip.skipping import skip_counts
 
 pytestmark = pytest.mark.real
 

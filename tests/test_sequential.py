@@ -9,10 +9,10 @@ import torch
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import builtin
 from prunerzero.primitives.stats import ActivationAccumulator, collect_stats, x_for_units
-from prunerzero.pruning.apply import prune_with_metric, prune_with_metric_sequential
+from prunerzero.pruning.unstructured.mode import prune_with_metric, prune_with_metric_sequential
 from prunerzero.pruning.masks import PatternError, select_mask
 from prunerzero.pruning.sequential import run_sequential
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 
 def _state(model) -> dict[str, torch.Tensor]:

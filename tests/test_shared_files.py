@@ -61,7 +61,7 @@ def test_top_k_zero_written_by_hand_is_refused_naming_the_field():
     """0 is the experts target's sentinel for "the model's top-k": written with --set it used to
     be accepted silently, and the saved model kept top-2."""
     from prunerzero.core.fields import parse_assignments
-    from prunerzero.pruning.experts import ExpertsTarget
+    from prunerzero.pruning.experts.mode import ExpertsTarget
 
     assert parse_assignments(ExpertsTarget, ["top_k=1"]) == {"top_k": 1}
     with pytest.raises(ValueError, match=r"--set top_k: 0 is not allowed .*the model's own top-k"):

@@ -16,8 +16,8 @@ from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import ModeError, get_mode
-from prunerzero.pruning.routers import DATA, META, RouterError, TrainConfig, load_or_train
-from prunerzero.pruning.skipping import skip_counts
+from prunerzero.pruning.skip.routers import DATA, META, RouterError, TrainConfig, load_or_train
+from prunerzero.pruning.skip.skipping import skip_counts
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -154,7 +154,7 @@ def test_routers_that_cannot_skip_the_budget_are_never_kept(cache):
 
 
 def test_noise_is_annealed_to_deterministic_gates():
-    from prunerzero.pruning.skipping import hard_concrete
+    from prunerzero.pruning.skip.skipping import hard_concrete
 
     logits = torch.linspace(-3, 3, 101)
     gen = torch.Generator().manual_seed(0)
@@ -164,8 +164,8 @@ def test_noise_is_annealed_to_deterministic_gates():
 
 
 def test_a_flops_budget_weighs_each_sublayer_by_what_it_saves():
-    from prunerzero.pruning.routers import sublayer_costs
-    from prunerzero.pruning.skipping import weighted_quantile
+    from prunerzero.pruning.skip.routers import sublayer_costs
+    from prunerzero.pruning.skip.skipping import weighted_quantile
 
     assert weighted_quantile([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [1.0, 2.0], 0.25) == 1.0
     assert weighted_quantile([torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [1.0, 2.0], 0.5) == 2.0
@@ -222,7 +222,7 @@ def test_routers_for_another_model_are_refused(tmp_path):
 
 def test_a_saved_skipping_model_reloads_and_skips_the_same(tmp_path):
     from prunerzero.models.loading import RESHAPED
-    from prunerzero.pruning.skip import MARKER
+    from prunerzero.pruning.skip.mode import MARKER
 
     ctx = context("qwen2")
     report = MODE.apply(ctx, MODE.candidate("router"), MODE.make_target(QUICK))
@@ -244,7 +244,7 @@ def test_a_saved_skipping_model_reloads_and_skips_the_same(tmp_path):
 
 @pytest.mark.parametrize("method", ["shortgpt", "removal", "wanda"])
 def test_static_baselines_remove_the_budget_of_least_important_sublayers(method):
-    from prunerzero.pruning.skip import importance
+    from prunerzero.pruning.skip.mode import importance
 
     ctx = context()
     test = DATA_IDS[100:104]
@@ -304,7 +304,7 @@ def test_bad_target_fields_are_named():
     with pytest.raises(ModeError, match="use gather or multiply"):
         MODE.make_target({"execution": "train"})
     with pytest.raises(ModeError, match="cannot apply a Method"):
-        MODE.apply(context(), get_mode("unstructured").methods["sparsegpt"], MODE.make_target({}))
+        MODE.apply(context(), get_mode("unstructured").method("sparsegpt"), MODE.make_target({}))
 
 
 def test_an_moe_model_is_refused():

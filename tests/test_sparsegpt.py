@@ -7,8 +7,8 @@ import torch
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import builtin
 from prunerzero.pruning.masks import PatternError, select_mask
-from prunerzero.pruning.sparsegpt import HessianAccumulator, lsq_refit_unit, prune_sparsegpt, sparsegpt_unit
-from prunerzero.pruning.target import PruneTarget
+from prunerzero.pruning.unstructured.sparsegpt import HessianAccumulator, lsq_refit_unit, prune_sparsegpt, sparsegpt_unit
+from prunerzero.pruning.unstructured.target import PruneTarget
 
 
 def reference_sparsegpt(W, H, sparsity, prunen=0, prunem=0, blocksize=128, percdamp=0.01, exact_count=True):
@@ -193,7 +193,7 @@ def test_a_metric_mask_with_the_obs_update_prunes_exactly_that_mask_and_reconstr
 def _unstructured_mode(model, windows):
     """The unstructured mode, a context on `windows`, a dense snapshot and the dense logits."""
     from prunerzero.primitives.stats import collect_stats
-    from prunerzero.pruning.apply import DenseSnapshot
+    from prunerzero.pruning.interventions import DenseSnapshot
     from prunerzero.pruning.context import PruneContext
     from prunerzero.pruning.modes import get_mode
 

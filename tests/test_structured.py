@@ -13,11 +13,11 @@ from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.interventions import Edits
-from prunerzero.pruning.latency import LatencyTable, attention_options, load_or_measure
+from prunerzero.pruning.structured.latency import LatencyTable, attention_options, load_or_measure
 from prunerzero.pruning.modes import ModeError, get_mode
-from prunerzero.pruning.recovery import collect_grams, refit_following
-from prunerzero.pruning.selection import Options, SelectionError, select
-from prunerzero.pruning.structured import apply_plan, load_structured
+from prunerzero.pruning.structured.recovery import collect_grams, refit_following
+from prunerzero.pruning.structured.selection import Options, SelectionError, select
+from prunerzero.pruning.structured.mode import apply_plan, load_structured
 
 
 def random_options(seed: int, blocks: int = 4, na: int = 5, nm: int = 6) -> Options:

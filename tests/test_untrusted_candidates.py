@@ -64,7 +64,7 @@ def test_a_metric_from_data_is_read_never_imported(tmp_path, evil):
     ({"kind": "expert_plan", "keep": [[0, 1]]}, "order"),
 ])
 def test_a_candidate_file_naming_python_code_is_refused_unrun(tmp_path, evil, data, field):
-    import prunerzero.pruning.experts_plan  # noqa: F401  (registers the expert_plan kind)
+    import prunerzero.pruning.modes  # noqa: F401  (registers the expert_plan kind)
 
     path = candidate_file(tmp_path, **data, **{field: f"{evil}:metric"})
     with pytest.raises(CandidateError, match=rf"candidate.json: .*field '{field}': metric file .*evil.py"):

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from prunerzero.cli import app
 from prunerzero.core.integrity import CorruptCache, write_checked_json
 from prunerzero.models.adapter import ModelAdapter
-from prunerzero.pruning import latency
-from prunerzero.pruning.routers import FORMAT, META, RouterSet
-from prunerzero.pruning.skipping import Router
+from prunerzero.pruning.structured import latency
+from prunerzero.pruning.skip.routers import FORMAT, META, RouterSet
+from prunerzero.pruning.skip.skipping import Router
 
 runner = CliRunner()
 

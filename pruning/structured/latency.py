@@ -27,10 +27,10 @@ from prunerzero.core.integrity import CorruptCache, read_checked_json, set_aside
 from prunerzero.core.paths import cache_dir
 from prunerzero.models.timing import decode_seconds, prefill_seconds, sync
 
-from .interventions import applied
-from .removal import remove_sublayer
+from ..interventions import applied
+from ..removal import remove_sublayer
+from ..slicing import slice_attention, slice_mlp
 from .selection import Options
-from .slicing import slice_attention, slice_mlp
 
 PHASES = ("prefill", "decode")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .interventions import Edits
-from .slicing import head_rows
+from ..interventions import Edits
+from ..slicing import head_rows
 
 DAMP = 1e-2  # λ as a fraction of the mean of G's diagonal (SparseGPT's percdamp)
 

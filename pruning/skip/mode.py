@@ -15,7 +15,6 @@ Candidates:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,25 +24,30 @@ import numpy as np
 import torch
 
 from prunerzero.core.integrity import CorruptCache
-from prunerzero.models.loading import load_saved_weights, save_reshaped_config, saved_config
+from prunerzero.models.adapter import ModelAdapter
 
-from .candidates import Method
-from .influence import removal_losses, sublayer_influence
+from ..candidates import Method
+from ..influence import removal_losses, sublayer_influence
+from ..interventions import Edits
+from ..recipe import resolve_candidate, unsupported
+from ..reduce import check_reducer, group_scores
+from ..removal import remove_sublayer
+from ..report import PruneReport
+from ..reshaped import load_reshaped, save_reshaped
 from .lora import apply_deltas
-from .reduce import check_reducer, group_scores
-from .removal import remove_sublayer
-from .routers import BUDGETS, RouterError, RouterSet, TrainConfig, default_bias, load_or_train, routed, sublayer_costs
+from .routers import (BUDGETS, RouterError, RouterSet, TrainConfig, Training, default_bias, load_or_train, routed,
+                      sublayer_costs)
 from .skipping import EXECUTIONS, Router, calibrate_threshold, install, skip_counts
-from .target import PruneReport
 
 KINDS = {"both": ("attention", "mlp"), "attention": ("attention",), "mlp": ("mlp",)}
-STATIC = ("shortgpt", "removal")
-METHODS = {name: Method(name) for name in ("router", *STATIC)}
 MARKER = "prunerzero_skip.json"
 
 
 @dataclass(frozen=True)
-class SkipTarget:
+class SkipTarget(Training):
+    """The skip mode's budget and how it is reached; the router training's fields (steps, lr,
+    budget, lora_steps, …) are routers.Training's."""
+
     ratio: float = 0.25  # fraction of (sublayer, token) pairs skipped; static methods: of sublayers removed
     modules: str = "both"  # which sublayers may be skipped: both, attention, mlp
     execution: str = "gather"  # gather: skipped tokens are not computed; multiply: computed, then zeroed
@@ -52,21 +56,6 @@ class SkipTarget:
     router_init: str = "removal"  # a static ranking (shortgpt, removal, a metric) the routers start from, or none
     routers: str = ""  # a directory of routers trained before (routers.safetensors + routers.json)
     calibrate: bool = True  # keep threshold set on calibration tokens so exactly `ratio` is skipped
-    steps: int = 300  # router training (routers.TrainConfig)
-    batch: int = 2
-    seq_len: int = 256
-    lr: float = 5e-3
-    weight: float = 20.0
-    t_start: float = 1.0
-    t_end: float = 0.1
-    explore: float = 0.3
-    budget: str = "modules"  # what the ratio counts: modules (SkipGPT) or flops (what a skipped token saves)
-    holdout: int = 4
-    eval_every: int = 25
-    seed: int = 0
-    lora_steps: int = 0
-    lora_rank: int = 8
-    lora_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio < 1.0):
@@ -96,19 +85,20 @@ class SkipTarget:
         return f"{self.ratio:g} of {scope} skipped{extra}"
 
     def train_config(self, init: tuple[float, ...] = ()) -> TrainConfig:
-        shared = {f.name for f in dataclasses.fields(TrainConfig)} - {"ratio", "kinds", "init"}
-        return TrainConfig(self.ratio, self.kinds, init=init, **{k: getattr(self, k) for k in shared if hasattr(self, k)})
+        return TrainConfig(self.ratio, self.kinds, init=init,
+                           **{f.name: getattr(self, f.name) for f in dataclasses.fields(Training)})
 
 
 # ------------------------------------------------------------------ static rankings
+# the static rankings: name -> (ctx, target) -> (blocks, 2) importance
+SCORES = {"shortgpt": lambda ctx, target: sublayer_influence(ctx), "removal": lambda ctx, target: removal_losses(ctx)}
+STATIC = tuple(SCORES)
+
+
 def importance(ctx, candidate, target: SkipTarget) -> np.ndarray:
     """(blocks, 2) importance of each block's attention (0) and MLP (1); higher = keep."""
-    if isinstance(candidate, Method) and candidate.name == "shortgpt":
-        return sublayer_influence(ctx)
-    if isinstance(candidate, Method) and candidate.name == "removal":
-        return removal_losses(ctx)
-    from .modes import unsupported
-
+    if isinstance(candidate, Method) and candidate.name in SCORES:
+        return SCORES[candidate.name](ctx, target)
     if isinstance(candidate, Method) or not hasattr(candidate, "needs"):
         raise unsupported("skip", candidate)
     groups = ctx.structure.sublayers()
@@ -188,25 +178,43 @@ def apply_skip(ctx, candidate, target: SkipTarget) -> PruneReport:
     t0 = time.perf_counter()
     check_skip(ctx, target)
     report = PruneReport(target, getattr(candidate, "name", "metric"))
-    if isinstance(candidate, Method) and candidate.name == "router":
-        extra = _apply_routers(ctx, target)
-        report.add_plan("routers", (extra["router_key"], round(extra["threshold"], 9), target.execution))
+    if isinstance(candidate, Method):
+        if candidate.name not in METHODS:
+            raise unsupported("skip", candidate)
+        extra = METHODS[candidate.name](ctx, candidate, target, report)
     else:
-        plan = static_plan(importance(ctx, candidate, target), target, costs_of(ctx, target))
-        by_name = {(s.block, s.kind): s for b in ctx.structure.blocks for s in b.sublayers}
-        for key in plan:
-            remove_sublayer(ctx.edits, by_name[key])
-        flops = costs_of(ctx, target, "flops")
-        extra = {"skip_ratio": len(plan) / len(flops), "flops_skip_ratio": sum(flops[k] for k in plan) / sum(flops.values()),
-                 "attention_skip_ratio": _share(plan, "attention", ctx),
-                 "mlp_skip_ratio": _share(plan, "mlp", ctx), "removed": [list(k) for k in plan]}
-        report.add_plan("static", plan)
+        extra = _static(ctx, candidate, target, report)
     report.extra.update(extra)
     report.seconds = time.perf_counter() - t0
     ctx.log(f"skip: {report.method} skips {extra['skip_ratio']:.3f} of {target.modules} modules, "
             f"{extra['flops_skip_ratio']:.3f} of their FLOPs (attention {extra['attention_skip_ratio']:.3f}, "
             f"MLP {extra['mlp_skip_ratio']:.3f})")
     return report
+
+
+def _routed(ctx, candidate, target: SkipTarget, report: PruneReport) -> dict:
+    """Routers (trained, cached or given) decide per token; the report folds their key in."""
+    extra = _apply_routers(ctx, target)
+    report.add_plan("routers", (extra["router_key"], round(extra["threshold"], 9), target.execution))
+    return extra
+
+
+def _static(ctx, candidate, target: SkipTarget, report: PruneReport) -> dict:
+    """The least important sublayers (a static ranking or a metric's) removed for every token."""
+    plan = static_plan(importance(ctx, candidate, target), target, costs_of(ctx, target))
+    by_name = {(s.block, s.kind): s for b in ctx.structure.blocks for s in b.sublayers}
+    for key in plan:
+        remove_sublayer(ctx.edits, by_name[key])
+    flops = costs_of(ctx, target, "flops")
+    extra = {"skip_ratio": len(plan) / len(flops), "flops_skip_ratio": sum(flops[k] for k in plan) / sum(flops.values()),
+             "attention_skip_ratio": _share(plan, "attention", ctx),
+             "mlp_skip_ratio": _share(plan, "mlp", ctx), "removed": [list(k) for k in plan]}
+    report.add_plan("static", plan)
+    return extra
+
+
+# the mode's methods: name -> (ctx, candidate, target, report) -> the report's extra
+METHODS = {"router": _routed, **{name: _static for name in STATIC}}
 
 
 def _share(plan, kind: str, ctx) -> float:
@@ -221,9 +229,7 @@ def _apply_routers(ctx, target: SkipTarget, tokens: int = 256) -> dict:
     else:
         init = ()
         if target.router_init != "none":
-            from .modes import get_mode
-
-            start = get_mode("skip").candidate(target.router_init)
+            start = resolve_candidate(target.router_init, METHODS)
             init = init_biases(static_plan(importance(ctx, start, target), target, costs), costs, target.ratio)
         cfg = target.train_config(init)
         routers = ctx.remember(("routers", cfg), lambda: load_or_train(ctx, cfg, model_id(ctx), ctx.log))
@@ -246,39 +252,25 @@ def _apply_routers(ctx, target: SkipTarget, tokens: int = 256) -> dict:
 def save_skip(ctx, report: PruneReport, out) -> None:
     """The base weights (with any LoRA merged), the routers inside the wrapped model and the plan;
     every prunerzero command loads the directory and runs it skipping."""
-    from safetensors.torch import save_model
-
-    from prunerzero.core.paths import atomic_write_text
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_reshaped_config(ctx.model.config, out, MARKER, "skip")  # plain transformers refuses it, naming our loader
-    save_model(ctx.model, str(out / "model.safetensors"))
     x = report.extra
     plan = {"removed": x.get("removed", []), "routed": x.get("routed", []), "threshold": x.get("threshold", 0.0),
             "execution": report.target.execution, "model_id": model_id(ctx) if x.get("routed") else "",
             "costs": x.get("costs", []), "flops": x.get("flops", [])}
-    atomic_write_text(out / MARKER, json.dumps({"format": 1, "plan": plan, "budget": report.target.describe()}))
+    save_reshaped(ctx.model, ctx.model.config, out, MARKER, "skip",
+                  {"format": 1, "plan": plan, "budget": report.target.describe()})
 
 
 def load_skip(path, dtype: torch.dtype):
     """A model saved by the skip mode: dense shapes from its config, the plan applied (routers
     with placeholder weights, removed sublayers), then every tensor loaded strictly."""
-    from transformers import AutoModelForCausalLM
+    return load_reshaped(path, dtype, MARKER, lambda doc: doc["plan"], _rebuild,
+                         damaged="not a plan the skip mode wrote")
 
-    from prunerzero.models.adapter import ModelAdapter
 
-    from .interventions import Edits
-
-    path = Path(path)
-    try:
-        plan = json.loads((path / MARKER).read_text())["plan"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}): not a plan the skip mode wrote") from None
-    model = AutoModelForCausalLM.from_config(saved_config(path), dtype=dtype)
+def _rebuild(model, plan, where: str) -> None:
     structure = ModelAdapter(model).structure
     by_name = {(s.block, s.kind): s for b in structure.blocks for s in b.sublayers}
-    removed, routed_names = _check_plan(plan, by_name, str(path / MARKER))
+    removed, routed_names = _check_plan(plan, by_name, where)
     attentions = {a.block: a for a in structure.attentions}
     edits, hidden = Edits(), model.get_input_embeddings().weight.shape[1]
     costs = plan.get("costs") or [1.0] * len(routed_names)
@@ -287,8 +279,6 @@ def load_skip(path, dtype: torch.dtype):
         install(edits, by_name[(b, kind)], Router(hidden), plan["execution"], plan["threshold"], attentions.get(b), cost, f)
     for key in removed:
         remove_sublayer(edits, by_name[key])
-    load_saved_weights(model, path, MARKER)
-    return model
 
 
 def _check_plan(plan, by_name: dict, where: str) -> tuple[list, list]:

@@ -1,6 +1,6 @@
 """A plan of the experts mode as a candidate: kept experts and merge coefficients per layer, by rank
 under an order (a method of the mode or a metric) — plain data a driver without the model writes
-(the EEP search, evolve/experts_problem.py), decoded by `candidates.decode` like every kind."""
+(the EEP search, evolve/experts_problem.py), decoded by `candidates.decode` like every kind (the experts recipe names it)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from prunerzero.primitives.metric import resolve_metric
 
-from .candidates import KINDS, CandidateError, _field
+from ..candidates import CandidateError, _field
 
-METHODS = ("frequency", "gate", "reap", "naee", "random")  # the experts mode's methods (pruning/experts.py)
+METHODS = ("frequency", "gate", "reap", "naee", "random")  # the experts mode's methods (pruning/experts/mode.py)
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,9 @@ class ExpertPlan:
         return {"kind": "expert_plan", "order": self.order, "keep": [list(k) for k in self.keep],
                 "merge": [list(m) for m in self.merge], "levels": self.levels, "max_merge": self.max_merge}
 
-
-def _expert_plan(data: dict) -> ExpertPlan:
-    rows = lambda name: tuple(tuple(int(g) for g in row) for row in _field(data, name, list))  # noqa: E731
-    return ExpertPlan(_field(data, "order", str), rows("keep"), rows("merge") if data.get("merge") else (),
-                      int(data.get("levels", 4)), float(data.get("max_merge", 1.0)))
-
-
-KINDS["expert_plan"] = _expert_plan  # the candidate kind travels as plain data (Ray, run directories)
+    @classmethod
+    def from_data(cls, data: dict) -> ExpertPlan:
+        """The plan plain data describes (the candidate kind `expert_plan`: Ray, run directories)."""
+        rows = lambda name: tuple(tuple(int(g) for g in row) for row in _field(data, name, list))  # noqa: E731
+        return cls(_field(data, "order", str), rows("keep"), rows("merge") if data.get("merge") else (),
+                   int(data.get("levels", 4)), float(data.get("max_merge", 1.0)))

@@ -14,29 +14,31 @@ Baselines at the same budget: `solver = "greedy"` and `"uniform"`, and the metho
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from prunerzero.models.loading import load_saved_weights, save_reshaped_config, saved_config
+from prunerzero.models.adapter import ModelAdapter
 from prunerzero.models.structure import Group, Part
 
-from .candidates import Method
-from .influence import removal_losses, scale_to_losses
-from .interventions import Edits
+from ..candidates import Method
+from ..influence import removal_losses, scale_to_losses
+from ..interventions import Edits
+from ..recipe import unsupported
+from ..reduce import check_reducer, reduce_groups, weight_scores
+from ..removal import remove_block, remove_sublayer
+from ..report import PruneReport
+from ..reshaped import load_reshaped, save_reshaped
+from ..slicing import slice_attention, slice_mlp
 from .latency import PHASES, LatencyTable, load_or_measure
-from .reduce import check_reducer, reduce_groups, weight_scores
-from .removal import remove_block, remove_sublayer
+from .recovery import collect_grams, refit_following
 from .selection import SOLVERS, Selection, select
-from .slicing import slice_attention, slice_mlp
-from .target import PruneReport
+from .shortgpt import shortgpt_plan
 
 RECOVERIES = ("none", "lsq")
 SCALES = ("none", "removal")
-METHODS = {"taylor": Method("taylor"), "shortgpt": Method("shortgpt")}
 
 
 @dataclass(frozen=True)
@@ -87,17 +89,28 @@ def _kv_groups(structure) -> list[Group]:
     return out
 
 
-def unit_importance(ctx, candidate, target: StructuredTarget) -> dict[str, np.ndarray]:
-    """(blocks, units) arrays: query heads, KV heads (k, v rows), MLP channel groups."""
+def unit_importance(ctx, metric, target: StructuredTarget) -> dict[str, np.ndarray]:
+    """(blocks, units) arrays: query heads, KV heads (k, v rows), MLP channel groups, by a metric's
+    weight scores through the target's reducer."""
+    def reduce(groups):
+        units = {p.unit.name: p.unit for gs in groups.values() for g in gs for p in g.parts}
+        scores = weight_scores(metric, ctx.stats(metric.needs), units.values())
+        return lambda gs: reduce_groups(gs, scores, target.reducer, target.normalize)
+    return _importance(ctx, target, reduce)
+
+
+def taylor_importance(ctx, target: StructuredTarget) -> dict[str, np.ndarray]:
+    """The same arrays by first-order Taylor: |Σ W·∂L/∂W| per group."""
+    def reduce(groups):
+        scores = taylor_scores(ctx)
+        return lambda gs: reduce_groups(gs, scores, "sum").abs()
+    return _importance(ctx, target, reduce)
+
+
+def _importance(ctx, target: StructuredTarget, reducer) -> dict[str, np.ndarray]:
     s = ctx.structure
     groups = {"head": s.heads(), "kv": _kv_groups(s), "channel": s.channels(target.width)}
-    if isinstance(candidate, Method) and candidate.name == "taylor":
-        scores = taylor_scores(ctx)
-        reduce = lambda gs: reduce_groups(gs, scores, "sum").abs()  # noqa: E731  |Σ W·∂L/∂W| per group
-    else:
-        units = {p.unit.name: p.unit for gs in groups.values() for g in gs for p in g.parts}
-        scores = weight_scores(candidate, ctx.stats(candidate.needs), units.values())
-        reduce = lambda gs: reduce_groups(gs, scores, target.reducer, target.normalize)  # noqa: E731
+    reduce = reducer(groups)
     n = len(s.blocks)
     imp = {k: reduce(gs).cpu().numpy().reshape(n, -1) for k, gs in groups.items()}
     return scale_to_losses(imp, removal_losses(ctx)) if target.scale == "removal" else imp
@@ -214,27 +227,37 @@ def check_structured(ctx, target: StructuredTarget) -> None:
         raise ValueError("structured pruning takes dense models; this one has experts (use the experts mode)")
 
 
+def importance_plan(imp: dict[str, np.ndarray], ctx, table: LatencyTable, target: StructuredTarget):
+    """(plan, selection): each block's option chosen under the budget from the units' importance
+    (a metric's reduced scores, or Taylor's)."""
+    opts, a_plans, m_plans = build_options(imp, table, ctx.structure, target.phase)
+    sel = select(opts, target.latency * table.dense_latency(target.phase), target.solver)
+    return plan_of(sel, a_plans, m_plans, target.width), sel
+
+
+def _taylor(ctx, table: LatencyTable, target: StructuredTarget):
+    return importance_plan(taylor_importance(ctx, target), ctx, table, target)
+
+
+# the mode's methods: name -> (ctx, latency table, target) -> (plan, selection)
+METHODS = {"taylor": _taylor, "shortgpt": shortgpt_plan}
+
+
 def apply_structured(ctx, candidate, target: StructuredTarget) -> PruneReport:
     """Prune `ctx`'s model in place to the latency budget; the report's extra holds the plan's
     predicted latency, the solver's gap and time, and what was removed."""
-    from .modes import unsupported
-    from .recovery import collect_grams, refit_following
-
     t0 = time.perf_counter()
     check_structured(ctx, target)
     table = latency_table(ctx, target)
     dense = table.dense_latency(target.phase)
-    method = candidate.name if isinstance(candidate, Method) else None
-    if method == "shortgpt":
-        from .shortgpt import shortgpt_plan
-        plan, sel = shortgpt_plan(ctx, table, target)
-    elif method not in (None, "taylor") or method is None and not hasattr(candidate, "needs"):
+    if isinstance(candidate, Method):
+        if candidate.name not in METHODS:
+            raise unsupported("structured", candidate)
+        plan, sel = METHODS[candidate.name](ctx, table, target)
+    elif not hasattr(candidate, "needs"):
         raise unsupported("structured", candidate)
     else:
-        imp = unit_importance(ctx, candidate, target)
-        opts, a_plans, m_plans = build_options(imp, table, ctx.structure, target.phase)
-        sel = select(opts, target.latency * dense, target.solver)
-        plan = plan_of(sel, a_plans, m_plans, target.width)
+        plan, sel = importance_plan(unit_importance(ctx, candidate, target), ctx, table, target)
     if target.recovery == "lsq":
         grams = ctx.remember("grams", lambda: collect_grams(ctx))  # of the dense model: before any edit
     apply_plan(ctx.edits, ctx.adapter, plan)
@@ -276,43 +299,20 @@ def save_structured(ctx, report: PruneReport, out) -> None:
     """The sliced model as safetensors beside the dense config and the plan: transformers' config
     cannot say that block 3 keeps 6 heads and block 4 none, so `prunerzero.models.loading`
     (and every prunerzero command) rebuilds the shapes from the plan, then loads the weights."""
-    from pathlib import Path
-
-    from safetensors.torch import save_model
-
-    from prunerzero.core.paths import atomic_write_text
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_reshaped_config(ctx.model.config, out, MARKER, "structured")  # plain transformers refuses it, naming our loader
-    save_model(ctx.model, str(out / "model.safetensors"))
     doc = {"format": 1, "plan": report.extra["plan"], "budget": report.target.describe(),
            "predicted_ratio": report.extra["predicted_ratio"]}
-    atomic_write_text(out / MARKER, json.dumps(doc))
+    save_reshaped(ctx.model, ctx.model.config, out, MARKER, "structured", doc)
 
 
 def load_structured(path, dtype: torch.dtype):
     """A model saved by the structured mode: dense shapes from its config, the plan applied, the
     sliced weights loaded (strictly: a missing or mis-shaped tensor is an error)."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from prunerzero.models.adapter import ModelAdapter
-
-    path = Path(path)
-    try:
-        doc = json.loads((path / MARKER).read_text())
-        plan = doc["plan"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}): not a plan the structured "
-                         "mode wrote") from None
-    model = AutoModelForCausalLM.from_config(saved_config(path), dtype=dtype)
-    adapter = ModelAdapter(model)
-    check_plan(plan, adapter.structure, str(path / MARKER))
-    apply_plan(Edits(), adapter, plan)
-    load_saved_weights(model, path, MARKER)
-    return model
+    def rebuild(model, plan, where: str) -> None:
+        adapter = ModelAdapter(model)
+        check_plan(plan, adapter.structure, where)
+        apply_plan(Edits(), adapter, plan)
+    return load_reshaped(path, dtype, MARKER, lambda doc: doc["plan"], rebuild,
+                         damaged="not a plan the structured mode wrote")
 
 
 def check_plan(plan, structure, where: str) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .interventions import Edits
+from ..interventions import Edits
 
 EXECUTIONS = ("gather", "multiply", "train")
 ATTN_IMPL = "prunerzero_skip"
@@ -53,6 +53,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         return self.proj(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).squeeze(-1)
+
+
+
+def routed(structure, kinds) -> list:
+    """The sublayers that get routers, in block order (attention before MLP)."""
+    return [s for b in structure.blocks for s in b.sublayers if s.kind in kinds]
 
 
 @dataclass(eq=False)
@@ -209,6 +215,7 @@ def skip_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register_attention() -> None:
+    # transformers takes seconds to import: only a kept-queries forward needs it
     from transformers import AttentionInterface
 
     if ATTN_IMPL not in AttentionInterface._global_mapping:
@@ -217,6 +224,7 @@ def _register_attention() -> None:
 
 def _attention_impl(attn_module: nn.Module):
     """The function the attention would have called: its configured implementation (or eager)."""
+    # transformers takes seconds to import: only a kept-queries forward needs it
     from transformers import AttentionInterface
 
     name = getattr(attn_module.config, "_attn_implementation", None) or "eager"

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from prunerzero.models.structure import Experts
+from prunerzero.models.structure import Experts, expert_count_attrs
 
-from .interventions import Edits, applied
+from ..interventions import Edits, applied
 
 
 @dataclass
@@ -139,9 +139,8 @@ def route(layer: Experts, x: torch.Tensor, keep: list[int] | None = None, top_k:
             edits.set_param(router, "weight", router.weight[list(keep)])
             if getattr(router, "bias", None) is not None:
                 edits.set_param(router, "bias", router.bias[list(keep)])
-            for attr in ("num_experts", "num_local_experts"):
-                if isinstance(getattr(router, attr, None), int):
-                    edits.set_attr(router, attr, len(keep))
+            for attr in expert_count_attrs(router):
+                edits.set_attr(router, attr, len(keep))
         k = min(top_k or layer.top_k, len(keep) if keep is not None else layer.n_experts)
         edits.set_attr(router, "top_k", k)
         _, weights, index = router(x.to(router.weight.dtype))

@@ -12,13 +12,14 @@ import time
 
 import torch
 
-from .interventions import applied
-from .skipping import install
+from ..interventions import applied
+from .skipping import install, routed
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _lora_layers(model):
+    # peft: only the optional LoRA stage (lora_steps > 0) needs it
     from peft.tuners.lora import LoraLayer
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
@@ -32,9 +33,9 @@ def _unload(model) -> None:
 
 def train_lora(ctx, cfg, routerset, windows: torch.Tensor, log=print) -> tuple[dict[str, torch.Tensor], float]:
     """ΔW per prunable unit after `cfg.lora_steps` steps of LoRA under the frozen routers."""
+    # peft: only the optional LoRA stage (lora_steps > 0) needs it
     from peft import LoraConfig, inject_adapter_in_model
 
-    from .routers import routed
 
     units = [u for u in ctx.units if u.expert is None and u.name.rpartition(".")[2] in LORA_TARGETS]
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,

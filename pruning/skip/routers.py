@@ -35,8 +35,9 @@ from safetensors.torch import load, save
 from prunerzero.core.integrity import CorruptCache, set_aside, sha256
 from prunerzero.core.paths import atomic_write_bytes, atomic_write_text, cache_dir
 
-from .interventions import applied
-from .skipping import Router, budget_share, calibrate_threshold, install
+from ..interventions import applied
+from .lora import train_lora
+from .skipping import Router, budget_share, calibrate_threshold, install, routed
 
 FORMAT = 1
 ALGORITHM = 2  # of training: part of the cache key, so routers trained another way are not taken for these
@@ -48,10 +49,11 @@ class RouterError(ValueError):
     """Routers that do not fit this model or this request (the message says which)."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    ratio: float  # target fraction of (sublayer, token) pairs skipped
-    kinds: tuple[str, ...] = ("attention", "mlp")
+@dataclass(frozen=True, kw_only=True)
+class Training:
+    """How routers are trained: the fields a skip target sets (`--set steps=…`) and TrainConfig
+    carries, declared once (keyword-only, so both add their own positional fields first)."""
+
     steps: int = 300
     batch: int = 2
     seq_len: int = 256
@@ -60,14 +62,20 @@ class TrainConfig:
     t_start: float = 1.0
     t_end: float = 0.1
     explore: float = 0.3  # share of the steps with gate noise (annealed 1 -> 0); then deterministic
-    budget: str = "modules"  # what the ratio counts: "modules" (each sublayer alike) or "flops"
+    budget: str = "modules"  # what the ratio counts: "modules" (each sublayer alike, SkipGPT) or "flops"
     holdout: int = 4  # held-out train windows that choose the best routers seen
     eval_every: int = 25
     seed: int = 0
-    init: tuple[float, ...] = ()  # initial keep-logit bias per routed sublayer (empty: logit(1 - ratio))
     lora_steps: int = 0
     lora_rank: int = 8
     lora_lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainConfig(Training):
+    ratio: float  # target fraction of (sublayer, token) pairs skipped
+    kinds: tuple[str, ...] = ("attention", "mlp")
+    init: tuple[float, ...] = ()  # initial keep-logit bias per routed sublayer (empty: logit(1 - ratio))
     checkpoint_every: int = 25
 
     def key(self, model_id: str, data_id: str) -> str:
@@ -156,11 +164,6 @@ def _read_verified(data_path: Path, meta_path: Path) -> tuple[dict, dict[str, to
 
 
 # ------------------------------------------------------------------ training
-def routed(structure, kinds) -> list:
-    """The sublayers that get routers, in block order (attention before MLP)."""
-    return [s for b in structure.blocks for s in b.sublayers if s.kind in kinds]
-
-
 def default_bias(ratio: float) -> float:
     keep = min(max(1.0 - ratio, 1e-3), 1 - 1e-3)
     return math.log(keep / (1 - keep))
@@ -260,7 +263,6 @@ def train(ctx, cfg: TrainConfig, windows: torch.Tensor, holdout: torch.Tensor, f
         (f" (held-out loss {best.loss:.4f})" if best.tensors else " (none seen met the budget on held-out tokens)"))
     result = RouterSet(names, [r.cpu() for r in routers], meta)
     if cfg.lora_steps:
-        from .lora import train_lora
 
         result.lora, result.meta["lora_seconds"] = train_lora(ctx, cfg, result, windows, log)
     return result

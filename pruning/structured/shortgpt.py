@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from .influence import block_influence
+from ..influence import block_influence
 from .selection import Selection, SelectionError
 
 

@@ -6,7 +6,7 @@ linear in them ("Beyond Linear Approximations", Liang et al., ICLR 2025). Here, 
 the q and k masks start as any metric's masks (top-(1-s) of its scores per output row or per
 layer, exactly the unstructured mode's) and are then moved by gradient descent on calibration
 tokens so that every head's attention probabilities — the model's own RoPE, grouped-query
-layout, causal mask (pruning/attention_loss.py) — stay close to the dense model's:
+layout, causal mask (pruning/attention/loss.py) — stay close to the dense model's:
 
 - the parameters are the metric's scores, standardised per comparison group (threshold at 0);
 - a relaxed keep-mask sigmoid((z - t) / tau), t the group's threshold at the target sparsity,
@@ -32,12 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from prunerzero.core.protocol import check_sparsity
+from prunerzero.models.adapter import UnsupportedModelError
+from prunerzero.primitives.stats import ActivationAccumulator, LayerStats, x_for_units
 
-from .apply import unit_scores
-from .attention_loss import OBJECTIVES, AttentionInputs, BlockAttention, Objective
-from .masks import GROUPS, select_mask, zero_masked
-from .sequential import run_sequential
-from .target import PruneReport
+from ..masks import GROUPS, select_mask, zero_masked
+from ..recipe import ModeError, unsupported
+from ..reduce import unit_scores
+from ..report import PruneReport
+from ..sequential import run_sequential
+from .loss import OBJECTIVES, AttentionInputs, BlockAttention, Objective
 
 OTHERS = ("metric", "dense")
 MIN_TOKENS = 8  # fewer tokens per window than this cannot say much about an attention pattern
@@ -48,7 +51,7 @@ TAU_END = 0.02  # the relaxation's last temperature, and the straight-through gr
 class AttentionTarget:
     sparsity: float = 0.5  # fraction of q and k (and, with others = "metric", of v, o, MLP) pruned
     group: str = "row"  # comparison group of every mask: "row" (as Wanda) or "layer"
-    objective: str = "frobenius"  # or "kl", "output" (pruning/attention_loss.py)
+    objective: str = "frobenius"  # or "kl", "output" (pruning/attention/loss.py)
     others: str = "metric"  # v, o, MLP: metric masks at `sparsity`, or "dense"
     steps: int = 100  # gradient steps per block (0: the metric's masks, the linear baseline)
     lr: float = 0.05  # Adam's step on the standardised scores
@@ -188,7 +191,6 @@ class _Grab:
         hidden = args[0] if args else kwargs["hidden_states"]
         pos = kwargs.get("position_embeddings")
         if pos is None:
-            from prunerzero.models.adapter import UnsupportedModelError
 
             raise UnsupportedModelError(f"{type(module).__name__} received no position_embeddings")
         t = self.tokens or hidden.shape[1]
@@ -205,8 +207,6 @@ class _Grab:
 def check_attention(ctx, target: AttentionTarget) -> None:
     """The model has separate q and k projections in every block, and the calibration is large
     enough for the optimiser."""
-    from .modes import ModeError
-
     missing = [b.name for b in ctx.structure.blocks if b.attention is None]
     if missing:
         raise ModeError(f"mode 'attention' needs separate q and k projections (q_proj, k_proj, v_proj, o_proj) in "
@@ -223,10 +223,6 @@ def check_attention(ctx, target: AttentionTarget) -> None:
 def apply_attention(ctx, candidate, target: AttentionTarget) -> PruneReport:
     """Prune `ctx`'s model in place: metric masks everywhere, then q/k masks optimised for the
     attention, block by block."""
-    from prunerzero.primitives.stats import ActivationAccumulator, LayerStats, x_for_units
-
-    from .modes import unsupported
-
     if not callable(candidate) or not hasattr(candidate, "needs"):
         raise unsupported("attention", candidate)
     check_attention(ctx, target)

@@ -1,45 +1,26 @@
 """The unstructured mode: weights zeroed in place by a metric (per output row, per layer, or N:M),
 with one-shot or sequential statistics; SparseGPT as its method; a per-block sparsity allocation
-and given masks as its other candidates. And the exact way back for weights: `DenseSnapshot`.
+and given masks as its other candidates.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import torch
 
+from prunerzero.primitives.stats import ActivationAccumulator, LayerStats, x_for_units
+
+from ..candidates import Allocation, MaskSet, Method
+from ..masks import check_pattern_fits, select_mask, zero_masked
+from ..recipe import option_list, option_number, unsupported
+from ..reduce import unit_scores
+from ..report import PruneReport
+from ..sequential import run_sequential
 from .allocation import owl_sparsities
-from .candidates import Allocation, MaskSet, Method
-from .masks import check_pattern_fits, select_mask, zero_masked
-from .sequential import run_sequential
 from .sparsegpt import prune_sparsegpt, prune_with_metric_update
-from .target import PruneReport, PruneTarget
-
-
-class DenseSnapshot:
-    """A copy of the prunable weights taken once; `restore()` writes them back bit-identically.
-    An evaluator keeps one for its lifetime: one extra copy of the pruned weights, never one per
-    candidate."""
-
-    def __init__(self, units, device: str | torch.device | None = None) -> None:
-        self.units = list(units)
-        self.copies = [u.weight.detach().to(device or u.weight.device, copy=True) for u in self.units]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for u, w in zip(self.units, self.copies):
-            u.weight.copy_(w)
-
-
-@torch.no_grad()
-def unit_scores(metric, unit, stats) -> torch.Tensor:
-    """Scores for one unit, computed in float32 whatever the weight's dtype."""
-    G, X = stats.for_unit(unit.name, metric.needs)
-    dev = unit.weight.device
-    G = G.to(dev, torch.float32) if G is not None else None
-    X = X.to(dev, torch.float32) if X is not None else None
-    return metric(unit.weight.float(), G, X)
+from .target import PruneTarget
 
 
 @torch.no_grad()
@@ -71,8 +52,6 @@ def prune_with_metric_sequential(model, adapter, windows: torch.Tensor, metric, 
     """Metric pruning with sequential statistics: block i's X comes from the outputs of blocks
     0..i-1 as already pruned (official Wanda's schedule). G, when the metric needs it, is the
     dense model's (as GBLM-Pruner and Pruner-Zero compute it)."""
-    from prunerzero.primitives.stats import ActivationAccumulator, LayerStats, x_for_units
-
     report = PruneReport(target=target, method=getattr(metric, "name", str(metric)))
     t0 = time.perf_counter()
 
@@ -108,7 +87,30 @@ def prune_with_masks(units, masks, target: PruneTarget) -> PruneReport:
     return report
 
 
-METHODS = {"sparsegpt": prune_sparsegpt}
+def _sparsegpt(ctx, target: PruneTarget) -> PruneReport:
+    return prune_sparsegpt(ctx.model, ctx.adapter, ctx.calibration, target)
+
+
+METHODS = {"sparsegpt": _sparsegpt}  # name -> (ctx, target) -> PruneReport
+METHOD_STATS = {"sparsegpt": "sequential"}  # SparseGPT calibrates block by block, whatever the protocol
+
+
+def leaderboard_targets(options) -> list[dict]:
+    """Each unstructured sparsity (`--sparsity`) and each N:M pattern once (`--pattern`), per `--group`."""
+    sparsities = [option_number(s, "--sparsity") for s in option_list(options.get("sparsity") or "0.5")]
+    return unstructured_targets(sparsities, option_list(options.get("pattern") or "unstructured"),
+                                options.get("group") or "row")
+
+
+def unstructured_targets(sparsities, patterns, group: str = "row") -> list[dict]:
+    """Targets of the unstructured mode: each unstructured sparsity, and each N:M pattern once."""
+    out = []
+    for pattern in patterns:
+        if pattern.strip().lower() == "unstructured":
+            out += [asdict(PruneTarget(s, "unstructured", group)) for s in sparsities]
+        else:
+            out.append(asdict(PruneTarget(0.0, pattern, group)))
+    return out
 
 
 def check_unstructured(ctx, target: PruneTarget) -> None:
@@ -117,12 +119,10 @@ def check_unstructured(ctx, target: PruneTarget) -> None:
 
 def apply_unstructured(ctx, candidate, target: PruneTarget) -> PruneReport:
     """Prune `ctx`'s model in place with a metric, a method, an allocation or masks."""
-    from .modes import unsupported
-
     if isinstance(candidate, Method):
         if candidate.name not in METHODS:
             raise unsupported("unstructured", candidate)
-        return METHODS[candidate.name](ctx.model, ctx.adapter, ctx.calibration, target)
+        return METHODS[candidate.name](ctx, target)
     if isinstance(candidate, MaskSet):
         return prune_with_masks(ctx.units, candidate.masks, target)
     sparsity_of = None

@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from .masks import check_pattern_fits, select_mask
-from .sequential import run_sequential
-from .target import UPDATES, PruneReport, PruneTarget
+from ..masks import check_pattern_fits, select_mask
+from ..report import PruneReport
+from ..sequential import run_sequential
+from .target import UPDATES, PruneTarget
 
 
 class HessianAccumulator:

@@ -1,5 +1,5 @@
 """One block's attention probabilities as the model computes them, and their distance to the dense
-model's — the objective of the attention mode (pruning/attention.py).
+model's — the objective of the attention mode (pruning/attention/mode.py).
 
 Why not call the attention module: the objective must be differentiable in the q/k masks and
 memory-bounded on long sequences, while the module materialises (or fuses away) the whole

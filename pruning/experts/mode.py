@@ -21,29 +21,31 @@ without the model can write, and the metric-driven choice is the plan that keeps
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from prunerzero.models.adapter import ModelAdapter
+from prunerzero.models.loading import REAL_CONFIG
+from prunerzero.models.structure import expert_count_attrs
 from prunerzero.primitives.metric import resolve_metric
 
-from .candidates import Method
-from .experts_plan import METHODS as EXPERT_METHODS
-from .experts_plan import ExpertPlan
-from .experts_signals import (LayerRouting, alignment, collect_routing, merge_targets, naee_keep,
-                              permute_neurons, refit_down, renormalises, routed_reference)
-from .interventions import Edits
-from .reduce import check_reducer, group_scores
-from .slicing import remove_experts, set_top_k
-from .target import PruneReport
+from ..candidates import Method
+from ..interventions import Edits
+from ..recipe import unsupported
+from ..reduce import check_reducer, group_scores
+from ..report import PruneReport
+from ..reshaped import load_reshaped, save_reshaped
+from ..slicing import remove_experts, set_top_k
+from .plan import METHODS as EXPERT_METHODS, ExpertPlan
+from .signals import (LayerRouting, alignment, collect_routing, merge_targets, naee_keep, permute_neurons,
+                      refit_down, renormalises, routed_reference)
 
 SIGNALS = ("none", "frequency", "gate", "reap")
 MERGES = ("none", "aligned", "refit")
 ALLOCATIONS = ("uniform", "global")
-METHODS = {name: Method(name) for name in EXPERT_METHODS}
 MARKER = "prunerzero_experts.json"
 
 
@@ -146,19 +148,29 @@ def routing(ctx, target: ExpertsTarget) -> list[LayerRouting]:
                         lambda: collect_routing(ctx.model, layers, ctx.calibration, target.tokens))
 
 
+def _signal(name: str):
+    def signal(ctx, target: ExpertsTarget) -> torch.Tensor:
+        return torch.stack([getattr(s, name) for s in routing(ctx, target)]).double()
+    return signal
+
+
+def _random(ctx, target: ExpertsTarget) -> torch.Tensor:
+    stats = routing(ctx, target)
+    g = torch.Generator().manual_seed(target.seed)
+    return torch.rand(len(stats), len(stats[0].frequency), generator=g, dtype=torch.float64)
+
+
+# the methods that score experts: name -> (ctx, target) -> (layers, E) importance
+SCORES = {"frequency": _signal("frequency"), "gate": _signal("gate"), "reap": _signal("reap"), "random": _random}
+
+
 def importance(ctx, candidate, target: ExpertsTarget) -> torch.Tensor:
     """(layers, E) expert importance, higher = keep: a method's signal, or a metric's reduced
     weight scores (normalised per layer) times the target's routing signal."""
     stats = routing(ctx, target)
-    name = candidate.name if isinstance(candidate, Method) else None
-    signal = {"frequency": "frequency", "gate": "gate", "reap": "reap"}.get(name)
-    if signal:
-        return torch.stack([getattr(s, signal) for s in stats]).double()
-    if name == "random":
-        g = torch.Generator().manual_seed(target.seed)
-        return torch.rand(len(stats), len(stats[0].frequency), generator=g, dtype=torch.float64)
-    if name is not None or not hasattr(candidate, "needs"):
-        from .modes import unsupported
+    if isinstance(candidate, Method) and candidate.name in SCORES:
+        return SCORES[candidate.name](ctx, target)
+    if isinstance(candidate, Method) or not hasattr(candidate, "needs"):
         raise unsupported("experts", candidate)
     layers = ctx.structure.expert_layers
     scores = group_scores(candidate, ctx.stats(candidate.needs), ctx.structure.experts(), target.reducer,
@@ -174,11 +186,11 @@ def ranking(ctx, order: str, target: ExpertsTarget) -> list[list[int]]:
     NAEE ranks its chosen subset (for the target's counts) first, each part by REAP."""
     def compute():
         if order == "naee":
-            keep, _ = metric_choice(ctx, METHODS["naee"], target)
-            reap = importance(ctx, METHODS["reap"], target)
+            keep, _ = metric_choice(ctx, Method("naee"), target)
+            reap = importance(ctx, Method("reap"), target)
             by_reap = [torch.argsort(-row, stable=True).tolist() for row in reap]
             return [[e for e in r if e in k] + [e for e in r if e not in k] for r, k in zip(by_reap, keep)]
-        thing = METHODS.get(order) or resolve_metric(order, allow_code=False)  # plan data never imports
+        thing = Method(order) if order in METHODS else resolve_metric(order, allow_code=False)  # plan data never imports
         return [torch.argsort(-row, stable=True).tolist() for row in importance(ctx, thing, target)]
     return ctx.remember(("expert ranking", order, target.signal, target.reducer, target.normalize, target.seed,
                          target.tokens, target.rescale, target.counts or target.experts), compute)
@@ -258,21 +270,43 @@ def plan_choice(ctx, plan: ExpertPlan, target: ExpertsTarget):
     return keep, merges
 
 
+def _top(ctx, scores: torch.Tensor, target: ExpertsTarget) -> list[list[int]]:
+    """Kept expert ids per layer: the highest `scores` at the budget (each layer keeps at least its top-k)."""
+    floor = [min(target.top_k or layer.top_k, layer.n_experts) for layer in ctx.structure.expert_layers]
+    counts = allocate(scores, target, floor)
+    return [sorted(torch.argsort(-row, stable=True)[:n].tolist()) for row, n in zip(scores, counts)]
+
+
+def _by_score(name: str):
+    def choice(ctx, target: ExpertsTarget) -> list[list[int]]:
+        return _top(ctx, importance(ctx, Method(name), target), target)
+    return choice
+
+
+def _naee(ctx, target: ExpertsTarget) -> list[list[int]]:
+    """NAEE: each layer's subset of the target's count whose output is closest to the dense layer's."""
+    if target.allocation == "global":
+        raise ExpertsError("naee chooses each layer's subset for a given count: use experts or per_layer, "
+                           "not allocation 'global'")
+    layers = ctx.structure.expert_layers
+    return [sorted(naee_keep(layer, s.inputs, n, target.top_k or None, s.prob if target.rescale else None)[0])
+            for layer, s, n in zip(layers, routing(ctx, target), _counts(target, layers))]
+
+
+# the mode's methods: name -> (ctx, target) -> kept expert ids per layer (order: experts/plan.py's METHODS)
+METHODS = {name: _naee if name == "naee" else _by_score(name) for name in EXPERT_METHODS}
+
+
 def metric_choice(ctx, candidate, target: ExpertsTarget):
     """Kept expert ids (and heuristic merges) from a metric or method at the target's budget."""
     layers = ctx.structure.expert_layers
     stats = routing(ctx, target)
-    floor = [min(target.top_k or layer.top_k, layer.n_experts) for layer in layers]
-    if isinstance(candidate, Method) and candidate.name == "naee":
-        if target.allocation == "global":
-            raise ExpertsError("naee chooses each layer's subset for a given count: use experts or per_layer, "
-                               "not allocation 'global'")
-        keep = [sorted(naee_keep(layer, s.inputs, n, target.top_k or None, s.prob if target.rescale else None)[0])
-                for layer, s, n in zip(layers, stats, _counts(target, layers))]
+    if isinstance(candidate, Method):
+        if candidate.name not in METHODS:
+            raise unsupported("experts", candidate)
+        keep = METHODS[candidate.name](ctx, target)
     else:
-        scores = importance(ctx, candidate, target)
-        counts = allocate(scores, target, floor)
-        keep = [sorted(torch.argsort(-row, stable=True)[:n].tolist()) for row, n in zip(scores, counts)]
+        keep = _top(ctx, importance(ctx, candidate, target), target)
     merges = [{} for _ in layers]
     if target.merge == "aligned":
         for b, (layer, s, kept) in enumerate(zip(layers, stats, keep)):
@@ -313,25 +347,16 @@ def _count_removed(ctx, report: PruneReport, keep: list[list[int]]) -> None:
 
 
 # ------------------------------------------------------------------ saving and loading
-def _expert_attrs(config) -> list[str]:
-    return [a for a in ("num_local_experts", "num_experts") if isinstance(getattr(config, a, None), int)]
-
-
 def save_experts(ctx, report: PruneReport, out) -> None:
     """The pruned MoE as a model of the same family: config with fewer experts and its top-k.
     Equal counts in every layer: a plain transformers checkpoint (from_pretrained loads it).
     Different counts: the largest in the config, the counts in a marker file (loaded by
     prunerzero, which slices each layer to its count before loading the weights strictly)."""
-    from safetensors.torch import save_model
-
-    from prunerzero.core.paths import atomic_write_text
-    from prunerzero.models.loading import REAL_CONFIG, save_reshaped_config
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [len(k) for k in report.extra["plan"]["keep"]]
     config = ctx.model.config.__class__.from_dict(ctx.model.config.to_dict())
-    for attr in _expert_attrs(config):
+    for attr in expert_count_attrs(config):
         setattr(config, attr, max(counts))
     config.num_experts_per_tok = max(report.extra["plan"]["top_k"])
     if len(set(counts)) == 1 and len(set(report.extra["plan"]["top_k"])) == 1:
@@ -340,36 +365,23 @@ def save_experts(ctx, report: PruneReport, out) -> None:
         for stale in (MARKER, REAL_CONFIG):  # of an earlier save into the same directory
             (out / stale).unlink(missing_ok=True)
         return
-    save_reshaped_config(config, out, MARKER, "experts")  # plain transformers refuses it, naming our loader
-    save_model(ctx.model, str(out / "model.safetensors"))
     doc = {"format": 1, "experts": counts, "top_k": report.extra["plan"]["top_k"], "budget": report.target.describe()}
-    atomic_write_text(out / MARKER, json.dumps(doc))
+    save_reshaped(ctx.model, config, out, MARKER, "experts", doc)
 
 
 def load_experts(path, dtype: torch.dtype):
     """A model the experts mode saved with different expert counts per layer."""
-    from transformers import AutoModelForCausalLM
-
-    from prunerzero.models.adapter import ModelAdapter
-    from prunerzero.models.loading import load_saved_weights, saved_config
-
-    path = Path(path)
-    try:
-        doc = json.loads((path / MARKER).read_text())
-        counts, top_k = doc["experts"], doc["top_k"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExpertsError(f"{path / MARKER} is damaged ({type(e).__name__}: {e}): not what the experts mode "
-                           "wrote") from None
-    model = AutoModelForCausalLM.from_config(saved_config(path), dtype=dtype)
-    edits = Edits()
-    layers = ModelAdapter(model).structure.expert_layers
-    _check_counts(counts, top_k, layers, str(path / MARKER))
-    for layer, n, k in zip(layers, counts, top_k):
-        if n < layer.n_experts:
-            remove_experts(edits, layer, list(range(n)))
-        set_top_k(edits, layer, k)
-    load_saved_weights(model, path, MARKER)
-    return model
+    def rebuild(model, plan, where: str) -> None:
+        counts, top_k = plan
+        edits = Edits()
+        layers = ModelAdapter(model).structure.expert_layers
+        _check_counts(counts, top_k, layers, where)
+        for layer, n, k in zip(layers, counts, top_k):
+            if n < layer.n_experts:
+                remove_experts(edits, layer, list(range(n)))
+            set_top_k(edits, layer, k)
+    return load_reshaped(path, dtype, MARKER, lambda doc: (doc["experts"], doc["top_k"]), rebuild, ExpertsError,
+                         "not what the experts mode wrote")
 
 
 def _check_counts(counts, top_k, layers, where: str) -> None:
