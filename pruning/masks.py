@@ -12,6 +12,8 @@ import hashlib
 import numpy as np
 import torch
 
+from .select_native import native_lowest
+
 GROUPS = ("row", "layer")
 SHORT_GROUP = 8  # N:M groups up to this width are ranked column by column (faster there than a selection)
 
@@ -38,7 +40,20 @@ def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | Non
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of a 2-D tensor, True at the k lowest scores; among scores equal to the k-th
     lowest, the leftmost go first — exactly a stable sort's choice, at a partial selection's
-    cost (no full sort)."""
+    cost (no full sort). On CPU the native kernel (`native_lowest`); elsewhere, or without a
+    C++ compiler, or for a row holding a NaN, `lowest_reference` — the same masks, bit for bit."""
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if scores.device.type == "cpu" and k <= scores.shape[-1]:
+        mask = native_lowest(scores, k)
+        if mask is not None:
+            return mask
+    return lowest_reference(scores, k)
+
+
+def lowest_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`_lowest` by a k-th lowest score per row (numpy's introselect on CPU, topk elsewhere),
+    then the tie pass: the path of every device, and the CPU's where the native kernel is not."""
     if k <= 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     kth = _kth_lowest(scores, k)

@@ -7,7 +7,7 @@ import pytest
 from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.models.loading import load_model
-from prunerzero.pruning.latency import load_or_measure
+from prunerzero.pruning.structured.latency import load_or_measure
 from prunerzero.fitness.perplexity import perplexity
 
 pytestmark = pytest.mark.real
