@@ -4,7 +4,6 @@ it replaced (numpy's introselect + the tie pass), bit for bit: on real smollm2-1
 adversarial ones (ties, zeros, constant rows, ±inf, ±0, NaN, every k at the edges, tiny shapes,
 float16 / bfloat16 / float64, the layer group, N:M)."""
 
-import json
 import shutil
 
 import numpy as np
@@ -12,8 +11,12 @@ import pytest
 import torch
 
 from prunerzero.pruning import masks
+from prunerzero.core.protocol import Protocol
+from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.pruning import select_native
 from prunerzero.pruning.masks import lowest_reference, native_lowest, select_mask
+from prunerzero.pruning.reduce import unit_scores
+from prunerzero.primitives.metric import resolve_metric
 
 
 def stable_lowest(scores: torch.Tensor, k: int) -> np.ndarray:
@@ -155,38 +158,22 @@ def test_nm_groups(n, m):
 
 
 # ------------------------------------------------------------------ real smollm2-135m scores
-def _real_layers(names: list[str]):
-    """(name, W, G, X) of a few real layers: weights from the zoo's smollm2-135m, G and X from a
-    cached calibration of it (the real tests leave one); skipped when either is missing."""
-    from safetensors import safe_open
-
-    from prunerzero.core.paths import cache_dir
-    from prunerzero.models import zoo
-
-    model = zoo.zoo_path("smollm2-135m") / "model.safetensors"
-    cached = [d for d in sorted(cache_dir("stats").iterdir()) if (d / "meta.json").is_file()
-              and json.loads((d / "meta.json").read_text()).get("model") == "smollm2-135m"
-              and (d / "stats.safetensors").is_file()]
-    if not model.is_file() or not cached:
-        pytest.skip("smollm2-135m or its cached statistics are not here (run the real tests once)")
-    with safe_open(str(model), "pt") as w, safe_open(str(cached[0] / "stats.safetensors"), "pt") as s:
-        keys = set(s.keys())
-        return [(n, w.get_tensor(f"{n}.weight").float(), s.get_tensor(f"G::{n}") if f"G::{n}" in keys else None,
-                 s.get_tensor(f"X::{n}")) for n in names]
-
-
 REAL = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.7.mlp.down_proj",
         "model.layers.15.mlp.gate_proj", "model.layers.29.self_attn.o_proj"]
 
 
 @pytest.mark.real
 def test_real_scores_equal_the_reference():
-    from prunerzero.primitives.metric import builtin
-
-    for name, W, G, X in _real_layers(REAL):
-        scores = {"wanda": builtin("wanda")(W, None, X), "magnitude": builtin("magnitude")(W)}
-        if G is not None:
-            scores["pruner-zero"] = builtin("pruner-zero")(W, G, None)
+    """Wanda, magnitude and Pruner-Zero scores of five real layers (statistics of a small
+    calibration of smollm2-135m, computed here or read from the cache)."""
+    ev = Evaluator(EvalSpec(model="smollm2-135m", split="valid",
+                            protocol=Protocol(seq_len=64, calib_windows=2, eval_windows=1)), needs=frozenset("WGX"))
+    stats = ev.stats(frozenset("WGX"))
+    units = [u for u in ev.units if u.name in REAL]
+    assert len(units) == len(REAL)
+    for unit in units:
+        name = unit.name
+        scores = {m: unit_scores(resolve_metric(m), unit, stats) for m in ("wanda", "magnitude", "pruner-zero")}
         for metric, s in scores.items():
             width = s.shape[1]
             for k in (1, width // 4, width // 2, (7 * width) // 10, width - 1):
