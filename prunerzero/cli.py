@@ -12,6 +12,7 @@ from rich.table import Table
 
 from prunerzero import leaderboard
 from prunerzero.cli_evolve import evolve_app
+from prunerzero.cli_generate import register as register_generate
 from prunerzero.console import friendly_errors, log, plain_when_piped
 from prunerzero.core.fields import parse_assignments
 from prunerzero.core.protocol import Protocol
@@ -198,6 +199,7 @@ def _cell(value) -> str:
 
 
 app.add_typer(evolve_app)  # no name: `evolve` and `export` join the top level
+register_generate(app)
 
 
 def main() -> None:  # pragma: no cover - console entry
