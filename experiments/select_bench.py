@@ -139,8 +139,8 @@ def main() -> None:
         f"`flock /tmp/pz-heavy.lock`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Machine: {machine()}. Native kernel {'built and used' if native else 'NOT available: new = old path'}.",
         f"Load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_before)} before the timed runs, "
-        f"{', '.join(f'{x:.2f}' for x in load_after)} after: the machine's 2 cores were shared with other jobs, so "
-        "wall times carry their load; CPU time is this process's (all its threads).",
+        f"{', '.join(f'{x:.2f}' for x in load_after)} after (a load above the cores' count: other jobs shared "
+        "them, and wall times carry it); CPU time is this process's (all its threads).",
         f"Scores: Wanda |W|·sqrt(X) of smollm2-135m's {len(scores)} prunable linear layers ({n / 1e6:.1f}M weights; "
         f"statistics: {SMALL.describe()}), float32. Medians of {args.repeats} interleaved repeats after one warm-up. "
         "The masks of every variant were checked equal to the old selection's, bit for bit, before timing.", "",
@@ -165,7 +165,7 @@ def main() -> None:
               "the k-th is found by counting; then the tie pass (all below it, then the leftmost equal ones) in "
               "L1. float16/bfloat16 are widened to float32 (exact), float64 keeps its own kernel; a row with a "
               "NaN sends the tensor to the old path. Built once per machine by the system's C++ compiler into "
-              "the cache (`pruning/masks.py`, NATIVE_SOURCE); without a compiler the old path runs.", ""]
+              "the cache (`pruning/select_native.py`, NATIVE_SOURCE); without a compiler the old path runs.", ""]
     atomic_write_text(OUT, "\n".join(lines))
     print("\n".join(lines))
 
