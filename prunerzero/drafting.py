@@ -29,8 +29,8 @@ from torch import nn
 
 from prunerzero.models.adapter import ModelAdapter, find_blocks
 from prunerzero.models.corpora import tokenizer_fingerprint
-from prunerzero.models.loading import RESHAPED, load_model
-from prunerzero.pruning import modes  # noqa: F401  (registers the reshaped loaders RESHAPED lists)
+from prunerzero.models.loading import load_model
+from prunerzero.pruning.modes import MODES  # registering the modes also registers their reshaped loaders
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.influence import block_influence
 
@@ -127,8 +127,7 @@ class SubsetHead(nn.Module):
 def frequent_tokens(windows: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
     """The `n` most frequent token ids of `windows` (ties: the lower id), sorted."""
     counts = torch.bincount(windows.flatten(), minlength=vocab)[:vocab]
-    order = sorted(range(vocab), key=lambda i: (-int(counts[i]), i))[:n]
-    return torch.tensor(sorted(order))
+    return torch.argsort(-counts, stable=True)[:n].sort().values  # stable: equal counts keep id order
 
 
 def with_subset_head(view: nn.Module, ids: torch.Tensor) -> nn.Module:
@@ -275,12 +274,9 @@ def check_compatible(dense, draft, dense_tokenizer=None, draft_tokenizer=None) -
 
 
 def saved_kind(path) -> str:
-    """Which mode saved a model directory, from its marker file (`dense` for a plain one)."""
-    for marker in RESHAPED:
-        if (Path(path) / marker).is_file():
-            name = marker.removeprefix("prunerzero_").removesuffix(".json")
-            return {"structure": "structured"}.get(name, name)
-    return "dense"
+    """Which mode saved a model directory, by its recipe's marker file (`dense` for a plain one)."""
+    return next((name for name, recipe in MODES.items()
+                 if recipe.reshaped is not None and (Path(path) / recipe.reshaped[0]).is_file()), "dense")
 
 
 def load_draft(spec: str, dense_lm, windows_fn=None, log=lambda msg: None) -> Draft:
@@ -301,8 +297,7 @@ def load_draft(spec: str, dense_lm, windows_fn=None, log=lambda msg: None) -> Dr
             with_subset_head(model, frequent_tokens(windows_fn(), view.head, vocab))
             text += f", head over the {view.head} most frequent tokens"
         return Draft(model, "view", text, True)
-    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dense_lm.dtype]
-    lm = load_model(spec, device=str(dense_lm.device), dtype=dtype)
+    lm = load_model(spec, device=str(dense_lm.device), dtype=str(dense_lm.dtype).removeprefix("torch."))
     check_compatible(dense_lm.model, lm.model, dense_lm.tokenizer, lm.tokenizer)
     kind = saved_kind(lm.path) if Path(lm.path).is_dir() else "dense"
     return Draft(lm.model, kind, f"model {spec} ({kind})", False)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +59,16 @@ class Generation:
 
 
 @contextmanager
+def _rounds(dense, gen: Generation):
+    """Count the dense model's forwards (one per verified draft, or per token without one)."""
+    handle = dense.register_forward_pre_hook(lambda module, args: setattr(gen, "rounds", gen.rounds + 1))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def _counted(dense, draft, gen: Generation):
     """Count the dense model's forwards and the draft's proposals around one generate call
     (an instance attribute shadows the draft's `generate` for the call only)."""
@@ -71,15 +81,11 @@ def _counted(dense, draft, gen: Generation):
         gen.draft_lengths.append(n)
         return out
 
-    def count(module, args):
-        gen.rounds += 1
-
-    handle = dense.register_forward_pre_hook(count)
     draft.generate = generate
     try:
-        yield
+        with _rounds(dense, gen):
+            yield
     finally:
-        handle.remove()
         del draft.generate
 
 
@@ -112,34 +118,23 @@ def generate(dense, input_ids: torch.Tensor, max_new_tokens: int, draft=None, *,
     input_ids = input_ids.to(device)
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "generation_config": config}
     gen = Generation(tokens=[], seconds=0.0)
+    extra, counting = {}, nullcontext()
     if lookup is not None:
-        handle = dense.register_forward_pre_hook(lambda module, args: setattr(gen, "rounds", gen.rounds + 1))
-        try:
-            start = time.perf_counter()
-            out = dense.generate(**kwargs, prompt_lookup_num_tokens=lookup)
-            gen.seconds = time.perf_counter() - start
-        finally:
-            handle.remove()
-        gen.tokens = out[0, input_ids.shape[1]:].tolist()
-        gen.accepted = max(0, len(gen.tokens) - gen.rounds)  # drafted is not reported by transformers here
-        return gen
-    if draft is None:
+        extra, counting = {"prompt_lookup_num_tokens": lookup}, _rounds(dense, gen)  # drafted: not reported
+    elif draft is not None:
+        draft.generation_config.num_assistant_tokens = draft_tokens
+        draft.generation_config.num_assistant_tokens_schedule = schedule
+        draft.generation_config.assistant_confidence_threshold = confidence or 0.0
+        extra, counting = {"assistant_model": draft}, _counted(dense, draft, gen)
+    with counting:
         start = time.perf_counter()
-        out = dense.generate(**kwargs)
-        gen.seconds = time.perf_counter() - start
-        gen.tokens = out[0, input_ids.shape[1]:].tolist()
-        gen.rounds = len(gen.tokens)
-        return gen
-    draft.generation_config.num_assistant_tokens = draft_tokens
-    draft.generation_config.num_assistant_tokens_schedule = schedule
-    draft.generation_config.assistant_confidence_threshold = confidence or 0.0
-    with _counted(dense, draft, gen):
-        start = time.perf_counter()
-        out = dense.generate(**kwargs, assistant_model=draft)
+        out = dense.generate(**kwargs, **extra)
         gen.seconds = time.perf_counter() - start
     gen.tokens = out[0, input_ids.shape[1]:].tolist()
-    # every round adds one token of the dense model's own (the correction or the bonus)
-    gen.accepted = max(0, len(gen.tokens) - gen.rounds)
+    if not extra:
+        gen.rounds = len(gen.tokens)
+    else:  # every round adds one token of the dense model's own (the correction or the bonus)
+        gen.accepted = max(0, len(gen.tokens) - gen.rounds)
     return gen
 
 
