@@ -120,7 +120,7 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
                 "metric": name, "formula": formula, "key": key, "model": model, "corpus": corpus,
                 "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
                 "stats_mode": getattr(thing, "stats_mode", "") or protocol.stats_mode, "split": split,
-                "mode": mode, "budget": target.describe(),
+                "mode": mode, "budget": target.describe(), "target": the_mode.identity(target),
                 "sparsity": round(getattr(target, "expected_sparsity", float("nan")), 6),
                 "pattern": getattr(target, "pattern", ""), "group": getattr(target, "group", ""),
                 "perplexity": ppl.perplexity, "dense_perplexity": dense.perplexity,
