@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from prunerzero import leaderboard
+from prunerzero import leaderboard, leaderboard_view
 from prunerzero.cli_evolve import evolve_app
 from prunerzero.cli_generate import register as register_generate
 from prunerzero.console import friendly_errors, log, plain_when_piped
@@ -137,7 +135,9 @@ def prune_cmd(out: Annotated[Path, typer.Option(help="Directory to save the prun
 def leaderboard_cmd(
         model: Model = "smollm2-135m", corpus: Corpus = "austen",
         metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metrics/methods, as --metric of prune (default: the mode's own, e.g. magnitude,wanda,ria,pruner-zero,sparsegpt for unstructured): a file.py[:fn] without EXPRESSION is imported and runs as Python code.")] = None,
-        mode: ModeOpt = DEFAULT_MODE,
+        mode: Annotated[Optional[str], typer.Option(
+            "--mode", help=f"Pruning mode: {', '.join(MODES)} (evaluating: default {DEFAULT_MODE}; --show and "
+                           "--plot: every mode in the CSV unless given).")] = None,
         sparsity: Annotated[str, typer.Option(help="Comma-separated sparsities (unstructured mode).")] = "0.5",
         pattern: Annotated[str, typer.Option(help="Comma-separated patterns (unstructured mode).")] = "unstructured,2:4",
         group: Annotated[str, typer.Option(help="Comparison group: row or layer.")] = "row",
@@ -148,14 +148,20 @@ def leaderboard_cmd(
         seq_len: SeqLen = 1024, calib_windows: CalibWindows = 128, eval_windows: EvalWindows = 128,
         seed: Seed = 0, stats_mode: StatsMode = "one-shot", bos: Bos = "auto", device: Device = "auto",
         dtype: Dtype = "auto", csv: Annotated[Path, typer.Option(help="Leaderboard CSV to update.")] = Path("results/leaderboard.csv"),
-        show_only: Annotated[bool, typer.Option("--show", help="Only print the CSV, evaluate nothing.")] = False,
+        show_only: Annotated[bool, typer.Option("--show", help="Only print the CSV (per mode and budget), evaluate nothing.")] = False,
         speed: Annotated[bool, typer.Option(help="Also measure prefill latency, tokens/s and decode tokens/s "
                                                  "of each pruned model beside the dense model's.")] = False,
         speed_batch: Annotated[int, typer.Option(help="Batch of the speed measurement.")] = 1,
         speed_seq_len: Annotated[int, typer.Option(help="Prompt length of the speed measurement.")] = 256,
-        plot: Annotated[Optional[Path], typer.Option(help="Also write a bar chart (PNG) of the table.")] = None) -> None:
+        plot: Annotated[Optional[Path], typer.Option(help="Also write one bar chart (PNG) per mode: "
+                                                         "results/leaderboard.png -> results/leaderboard-<mode>.png "
+                                                         "(or a path with {mode}).")] = None) -> None:
     """Evaluate metrics under one protocol, update the leaderboard CSV and print the table."""
+    shown = mode
+    if mode is not None:
+        get_mode(mode)  # an unknown mode fails before anything is read
     if not show_only:
+        mode = shown = mode or DEFAULT_MODE
         protocol = _protocol(seq_len, calib_windows, eval_windows, seed, stats_mode, bos)
         assigned = _target_fields(mode, {}, set_)
         targets = [t | assigned for t in _mode_budgets(mode, sparsity, group, latency, ratio, pattern)]
@@ -165,10 +171,10 @@ def leaderboard_cmd(
                          dtype=dtype, log=log, on_row=lambda row: leaderboard.append([row], csv), mode=mode,
                          targets=targets, speed=timing)
     df = leaderboard.read(csv)
-    print_table(df)
+    print(leaderboard_view.show(df, shown))
     if plot:
-        leaderboard.plot(df, plot)
-        log(f"plot written to {plot}")
+        for path in leaderboard_view.plot(df, plot, shown):
+            log(f"plot written to {path}")
 
 
 def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None, ratio: str | None = None,
@@ -178,24 +184,6 @@ def _mode_budgets(mode: str, sparsity: str, group: str, latency: str | None, rat
     --ratio for the skip mode, sparsities x patterns for the unstructured mode)."""
     return get_mode(mode).leaderboard_targets({"sparsity": sparsity, "pattern": pattern, "group": group,
                                                "latency": latency, "ratio": ratio})
-
-
-def print_table(df) -> None:
-    table = Table(title="prunerzero leaderboard")
-    cols = ["metric", "model", "corpus", "split", "mode", "budget", "perplexity", "dense_perplexity",
-            "achieved_sparsity", "params", "eval_tokens"]
-    for c in cols:
-        table.add_column(c.replace("_", " "), justify="left" if c in ("metric", "model", "corpus") else "right",
-                         overflow="fold")
-    for _, r in df.iterrows():
-        table.add_row(*[_cell(r[c]) for c in cols])
-    Console(width=max(Console().width, 140)).print(table)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if value != value else (f"{value:.0f}" if value.is_integer() and abs(value) >= 1e4 else f"{value:.3f}")
-    return str(value)
 
 
 app.add_typer(evolve_app)  # no name: `evolve` and `export` join the top level

@@ -1,14 +1,27 @@
 """The leaderboard: one CSV of results, one row per (metric or method, model, corpus, protocol,
-split, mode, budget).
+split, mode, target).
+
+Identity: a row is one measurement of one candidate (`key`) on one model, corpus, protocol and split,
+in one mode at one whole target (`target`: the recipe's `identity(target)`, every field of the
+target as canonical JSON). `budget` is the target in words (`describe()`), kept for people: it
+leaves fields out (skip's router init and steps, structured's width, the experts signal), so two
+different runs could share it — the identity never uses it.
 
 Rule for re-runs: a row whose identity (IDENTITY columns) matches an existing row replaces it, so
 re-running never duplicates a row and the file always holds the latest measurement. Appends are
 atomic (temporary file + os.replace) under an exclusive lock, so concurrent writers lose nothing.
 
+What a mode measured of its own (`report.extra`: skip_ratio, predicted_ratio, …) goes into one
+JSON column, `extra` (sorted keys, numbers as numbers); `extras(df)` spreads it back into
+columns. Only scalar values are kept: a structure in a report (a mode's plan) describes the
+pruned model, which the saved model keeps, not a measurement to compare.
+
 Reading validates: every row must have its identity and a number where a number belongs; a
-damaged file (a text value in a perplexity cell, a row torn at a field boundary) is an error
-naming the line, and nothing is written over it. A file of an earlier version (before modes:
-no `mode` and `budget` columns) is read as unstructured rows and upgraded on the next write.
+damaged file (a text value in a perplexity cell, a row torn at a field boundary, a `target` or
+`extra` cell that is not a JSON object) is an error naming the line, and nothing is written over
+it. Files of earlier versions read and are upgraded on the next write: before modes (no `mode`,
+`budget`) rows are unstructured; before targets (no `target`, `extra`) a row's target is rebuilt —
+see `legacy_target`.
 
 Writing keeps what reading needs: a perplexity that is not a number (a model the pruning broke)
 is written as `nan`, which reads back, not as an empty cell, which reads as a torn row. A row
@@ -20,22 +33,30 @@ from __future__ import annotations
 
 import fcntl
 import io
+import itertools
+import json
+import numbers
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
 from prunerzero.core.paths import atomic_write_text
-from prunerzero.pruning.unstructured.target import PruneTarget
+from prunerzero.pruning.modes import MODES
+from prunerzero.pruning.unstructured.allocation import ALLOCATIONS
+from prunerzero.pruning.unstructured.target import UPDATES, PruneTarget
 
 COLUMNS = [
     "metric", "formula", "key", "model", "corpus", "protocol", "protocol_id", "stats_mode", "split",
-    "mode", "budget", "sparsity", "pattern", "group", "perplexity", "dense_perplexity", "achieved_sparsity",
+    "mode", "budget", "target", "sparsity", "pattern", "group", "perplexity", "dense_perplexity", "achieved_sparsity",
     "params", "dense_params", "tokens_per_s", "dense_tokens_per_s", "latency_ms", "dense_latency_ms",
-    "decode_tokens_per_s", "dense_decode_tokens_per_s", "peak_mem_mb", "calib_tokens", "eval_tokens", "seed", "version", "device", "seconds", "timestamp",
+    "decode_tokens_per_s", "dense_decode_tokens_per_s", "peak_mem_mb", "calib_tokens", "eval_tokens", "seed", "version",
+    "device", "seconds", "timestamp", "extra",
 ]
-IDENTITY = ["key", "model", "corpus", "protocol_id", "split", "mode", "budget"]
-REQUIRED = IDENTITY + ["metric", "perplexity"]
+IDENTITY = ["key", "model", "corpus", "protocol_id", "split", "mode", "target"]
+GIVEN = ["key", "model", "corpus", "protocol_id", "split", "mode", "budget"]  # a row appended must name these
+REQUIRED = IDENTITY + ["budget", "metric", "perplexity"]
+SETTING = ["model", "corpus", "protocol_id", "split", "mode", "target"]  # rows compared with each other
 NUMERIC = ["sparsity", "perplexity", "dense_perplexity", "achieved_sparsity", "params", "dense_params",
            "tokens_per_s", "dense_tokens_per_s", "latency_ms", "dense_latency_ms", "decode_tokens_per_s",
            "dense_decode_tokens_per_s", "peak_mem_mb",
@@ -64,20 +85,27 @@ def read(path: Path = DEFAULT_PATH) -> pd.DataFrame:
     unknown = set(df.columns) - set(COLUMNS)
     if unknown:
         raise LeaderboardError(f"{path}: unknown column(s) {sorted(unknown)}; expected {COLUMNS}")
-    df = _upgrade(df.reindex(columns=COLUMNS, fill_value=""))
+    df = df.reindex(columns=COLUMNS, fill_value="")
+    _check_json(df, path)
+    df = _upgrade(df)
     _validate(df, path)
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c].replace("", None), errors="coerce")
     return df
 
 
+# ------------------------------------------------------------------ earlier versions
 def _upgrade(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows written before modes existed are unstructured rows whose budget is their target."""
+    """Rows written before modes existed are unstructured rows whose budget is their target; rows
+    written before targets get one rebuilt from what they carry (`legacy_target`)."""
     old = df["mode"] == ""
     if old.any():
         df.loc[old, "mode"] = "unstructured"
         df.loc[old, "budget"] = [
             _old_budget(PruneTarget, r) for _, r in df.loc[old, ["sparsity", "pattern", "group"]].iterrows()]
+    untargeted = df["target"] == ""
+    if untargeted.any():
+        df.loc[untargeted, "target"] = [legacy_target(r) for _, r in df.loc[untargeted].iterrows()]
     return df
 
 
@@ -88,6 +116,35 @@ def _old_budget(target_cls, r) -> str:
         return ""  # _validate names the line
 
 
+def legacy_target(row) -> str:
+    """The identity of a row written before rows carried their target. An unstructured row's target
+    is rebuilt from its sparsity, pattern and group as a leaderboard run builds it (N:M at sparsity
+    0), with the update and allocation its budget names: exactly the identity a re-run of it
+    writes, so the re-run replaces it. Other modes' budgets leave fields out (skip's router init,
+    structured's width, …): such a row keeps an identity of its own, {"budget": …, "mode": …},
+    which no recipe identity equals — a re-run adds a row beside it instead of guessing."""
+    if row["mode"] == "unstructured":
+        for target in _unstructured_targets(row):
+            if target.describe() == row["budget"]:
+                return MODES["unstructured"].identity(target)
+    return json.dumps({"budget": str(row["budget"]), "mode": str(row["mode"])}, sort_keys=True)
+
+
+def _unstructured_targets(row):
+    options = {"sparsity": str(row["sparsity"] or "0.5"), "pattern": row["pattern"] or "unstructured",
+               "group": row["group"] or "row"}
+    try:
+        base = MODES["unstructured"].leaderboard_targets(options)[0]
+    except (ValueError, IndexError):
+        return
+    for update, allocation in itertools.product(UPDATES, ALLOCATIONS):
+        try:
+            yield PruneTarget(**base | {"update": update, "allocation": allocation})
+        except (TypeError, ValueError):
+            continue  # e.g. an allocation with an N:M pattern: not a target that exists
+
+
+# ------------------------------------------------------------------ validation
 def _validate(df: pd.DataFrame, path: Path) -> None:
     for i, r in df.iterrows():
         line = i + 2  # the header is line 1
@@ -101,6 +158,23 @@ def _validate(df: pd.DataFrame, path: Path) -> None:
                                        "fix or remove the row — nothing was written")
 
 
+def _check_json(df: pd.DataFrame, path: Path) -> None:
+    """`target` and `extra` cells, when given, are JSON objects (the identity and the mode's values)."""
+    for c in ("target", "extra"):
+        for i, text in df[c].items():
+            if text and not isinstance(_json_object(text), dict):
+                raise LeaderboardError(f"{path}, line {i + 2}: column {c!r} holds {text!r:.60}, not a JSON object; "
+                                       "fix or remove the row — nothing was written")
+
+
+def _json_object(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+# ------------------------------------------------------------------ writing
 @contextmanager
 def _locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,29 +187,81 @@ def _locked(path: Path):
 
 
 def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """Rows of `new` replace rows of `old` with the same identity; order: old rows first."""
+    """Rows of `new` replace rows of `old` with the same identity, in their place (a re-run moves
+    nothing in the file); rows of new identities follow."""
     frames = [f.reindex(columns=COLUMNS) for f in (old, new) if len(f)]
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     both = pd.concat(frames, ignore_index=True)
     ident = both[IDENTITY].astype(str).agg("|".join, axis=1)
-    return both[~ident.duplicated(keep="last")].reset_index(drop=True)
+    first = {key: i for i, key in reversed(list(enumerate(ident)))}  # where each identity first appears
+    kept = both[~ident.duplicated(keep="last")]
+    place = ident[kept.index].map(first)
+    return kept.iloc[place.argsort(kind="stable")].reset_index(drop=True)
 
 
 def append(rows: list[dict], path: Path = DEFAULT_PATH) -> pd.DataFrame:
+    """Add rows (a re-run replaces the row of the same identity); the file upgraded as it is written.
+    A row's keys outside COLUMNS are its mode's own values: they go into `extra`."""
     path = Path(path)
-    missing = [c for c in IDENTITY if any(c not in r for r in rows)]
+    missing = [c for c in GIVEN if any(c not in r for r in rows)]
     if missing:
         raise LeaderboardError(f"leaderboard rows lack identity column(s) {missing}")
     for r in rows:
         _check_sparsity(r)
-    new = _upgrade(pd.DataFrame(rows).reindex(columns=COLUMNS).fillna({"mode": "", "budget": ""}))
+    new = pd.DataFrame([_with_extra(r) for r in rows]).reindex(columns=COLUMNS)
+    new = _upgrade(new.fillna({"mode": "", "budget": "", "target": "", "extra": ""}).astype({"target": str}))
     with _locked(path):
         merged = merge(read(path), new)
-        buf = io.StringIO()
-        _as_written(merged).to_csv(buf, index=False)
-        atomic_write_text(path, buf.getvalue())
+        _write(merged, path)
     return merged
+
+
+def upgrade(path: Path = DEFAULT_PATH) -> pd.DataFrame:
+    """Rewrite a file of an earlier version in this version's columns now (what the next append
+    would do): every row and value kept, targets rebuilt (`legacy_target`)."""
+    path = Path(path)
+    with _locked(path):
+        df = read(path)
+        _write(df, path)
+    return df
+
+
+def _write(df: pd.DataFrame, path: Path) -> None:
+    buf = io.StringIO()
+    _as_written(df).to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _with_extra(row: dict) -> dict:
+    """The row with its keys outside COLUMNS folded into `extra` (merged with any `extra` it has)."""
+    given = row.get("extra") or {}
+    given = _json_object(given) if isinstance(given, str) else dict(given)
+    if not isinstance(given, dict):
+        raise LeaderboardError(f"{row.get('metric')!s:.80}: extra {row.get('extra')!r:.60} is not a JSON object")
+    loose = {k: v for k, v in row.items() if k not in COLUMNS}
+    kept = {k: _scalar(v) for k, v in (given | loose).items() if _is_scalar(v)}
+    out = {k: v for k, v in row.items() if k in COLUMNS}
+    out["extra"] = json.dumps(kept, sort_keys=True)
+    if isinstance(out.get("target"), str) and out["target"]:  # canonical, so equal targets are equal text
+        target = _json_object(out["target"])
+        if not isinstance(target, dict):
+            raise LeaderboardError(f"{row.get('metric')!s:.80}: target {out['target']!r:.60} is not a JSON object")
+        out["target"] = json.dumps(target, sort_keys=True)
+    return out
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, bool, numbers.Number)) or getattr(value, "ndim", None) == 0
+
+
+def _scalar(value):
+    """A number as a JSON number (numpy's and torch's included), text as text."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_sparsity(row: dict) -> None:
@@ -160,42 +286,27 @@ def _as_written(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# ------------------------------------------------------------------ reading back
+def extras(df: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
+    """The `extra` column spread into one column per value (NaN where a row has none): the mode's
+    recipe `columns` first, in its order, then any others sorted. Rows of `mode` only, when given."""
+    if mode is not None:
+        df = df[df["mode"] == mode]
+    values = [(_json_object(t) if isinstance(t, str) and t else None) or {} for t in df["extra"]]
+    names = sorted(set().union(*values)) if values else []
+    order = [c for c in (MODES[mode].columns if mode in MODES else ()) if c in names]
+    spread = pd.DataFrame(values, index=df.index, columns=order + [c for c in names if c not in order])
+    return pd.concat([df.drop(columns=["extra"]), spread], axis=1)
+
+
 def best(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """The lowest-perplexity row per setting (model, corpus, protocol, split, mode, budget)."""
-    by = by or ["model", "corpus", "protocol_id", "split", "mode", "budget"]
+    """The lowest-perplexity row per setting (model, corpus, protocol, split, mode, target)."""
+    by = by or SETTING
     measured = df[df["perplexity"].notna()]  # a NaN perplexity (a broken model) is never a setting's best
     return measured.loc[measured.groupby(by, dropna=False)["perplexity"].idxmin()].reset_index(drop=True)
 
 
-def _label(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
-
-
-def plot(df: pd.DataFrame, path: Path) -> None:
-    """Horizontal bars of perplexity per metric, one panel per (mode, budget), dense dashed."""
-    # matplotlib: only --plot draws
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = df.copy()
-    if "mode" not in df or "budget" not in df:  # a bare table of an earlier version
-        df["mode"] = "unstructured"
-        df["budget"] = [f"{p}, sparsity {s:g}" for p, s in zip(df["pattern"], df["sparsity"])]
-    settings = list(df.groupby(["mode", "budget"], sort=True))
-    rows_max = max((len(rows) for _, rows in settings), default=1)
-    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(6.5 * max(len(settings), 1), 0.9 + 0.32 * rows_max),
-                             squeeze=False)
-    for ax, ((mode, budget), rows) in zip(axes[0], settings):
-        rows = rows.sort_values("perplexity", ascending=False)
-        ax.barh([_label(m) for m in rows["metric"]], rows["perplexity"], color="tab:blue")
-        ax.axvline(rows["dense_perplexity"].iloc[0], color="black", linestyle="--", label="dense")
-        ax.set_xscale("log")
-        ax.set_title(f"{mode}: {budget}")
-        ax.set_xlabel("perplexity (lower is better)")
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def modes_in(df: pd.DataFrame) -> list[str]:
+    """The modes with rows, in the registry's order (then any unknown ones)."""
+    present = list(dict.fromkeys(df["mode"]))
+    return [m for m in MODES if m in present] + sorted(m for m in present if m not in MODES)

@@ -1,9 +1,15 @@
-"""Leaderboard CSV rules without a model: identity-based replacement, fixed columns, plotting."""
+"""Leaderboard CSV rules without a model: identity-based replacement, fixed columns, plotting.
+(The whole-target identity, mode values and upgrades: test_leaderboard_identity.py; the views and
+the command: test_leaderboard_views.py.)"""
+
+import csv
+import io
 
 import pandas as pd
 import pytest
 
-from prunerzero.leaderboard import COLUMNS, LeaderboardError, append, best, plot, read
+from prunerzero.leaderboard import COLUMNS, LeaderboardError, append, best, read
+from prunerzero.leaderboard_view import plot
 
 
 def row(metric, ppl, pattern="unstructured", **kw):
@@ -32,10 +38,14 @@ def test_rows_without_identity_and_foreign_columns_are_refused(tmp_path):
         read(bad)
 
 
-def test_plot_writes_a_png(tmp_path):
-    df = pd.DataFrame([row("a", 20.0), row("b" * 60, 30.0), row("a", 40.0, pattern="2:4")])
-    plot(df, tmp_path / "lb.png")
-    assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_writes_one_png_per_mode(tmp_path):
+    csv = tmp_path / "lb.csv"
+    df = append([row("a", 20.0), row("b" * 60, 30.0), row("a", 40.0, pattern="2:4"),
+                 row("router", 25.0, mode="skip", budget="0.25 of modules skipped", sparsity="", pattern="")], csv)
+    written = plot(read(csv), tmp_path / "lb.png")
+    assert written == [tmp_path / "lb-unstructured.png", tmp_path / "lb-skip.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    assert plot(df, tmp_path / "{mode}" / "board.png", "skip") == [tmp_path / "skip" / "board.png"]
 
 
 OLD_COLUMNS = ["metric", "formula", "key", "model", "corpus", "protocol", "protocol_id", "stats_mode", "split",
@@ -61,9 +71,17 @@ def test_a_csv_of_the_version_before_modes_is_upgraded_in_place_nothing_lost(tmp
     assert again.loc[("a", "unstructured", "2:4"), "perplexity"] == 40.0 and again.loc[("b", "unstructured", "0.5 unstructured per row"), "eval_tokens"] == 100
 
 
+def torn(text: str, fields: int) -> str:
+    """The last row cut after its first `fields` fields (a write torn at a field boundary)."""
+    *lines, last = text.rstrip("\n").split("\n")
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(next(csv.reader([last]))[:fields])
+    return "\n".join(lines) + "\n" + buf.getvalue()
+
+
 @pytest.mark.parametrize("damage, needle", [
     (lambda text: text.replace("20.0", "twenty", 1), "line 2: column 'perplexity' holds 'twenty'"),
-    (lambda text: text.rstrip("\n").rsplit(",", 25)[0] + "\n", "line 3: row without"),
+    (lambda text: torn(text, 12), "line 3: row without"),
     (lambda text: text + "a,b,c" + ",x" * 40 + "\n", "not a readable leaderboard CSV"),
 ])
 def test_a_damaged_file_is_an_error_naming_the_line_and_nothing_is_written(tmp_path, damage, needle):
