@@ -13,6 +13,8 @@ import pytest
 from prunerzero.leaderboard import COLUMNS, IDENTITY, NUMERIC, LeaderboardError, append, extras, legacy_target, read
 from prunerzero.pruning.modes import get_mode
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def row(metric, ppl, mode="unstructured", fields=None, **kw):
     """A row as `jobs.leaderboard_rows` writes one: budget and whole target from the mode's recipe."""
@@ -145,3 +147,11 @@ def test_a_damaged_json_cell_is_an_error_naming_the_line_and_nothing_is_written(
     with pytest.raises(LeaderboardError, match="target .* is not a JSON object"):
         append([row("d", 10.0, target="0.5 unstructured")], tmp_path / "other.csv")
 
+
+def test_the_committed_leaderboard_has_whole_targets_and_one_row_per_identity():
+    text = pd.read_csv(ROOT / "results" / "leaderboard.csv", dtype=str, keep_default_na=False)
+    assert list(text.columns) == COLUMNS  # upgraded in place
+    df = read(ROOT / "results" / "leaderboard.csv")
+    assert not df.duplicated(subset=IDENTITY).any()
+    unstructured = df[df["mode"] == "unstructured"]
+    assert unstructured["target"].map(lambda t: "target" in json.loads(t)).all()  # every one rebuilt in full
