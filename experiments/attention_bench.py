@@ -23,7 +23,9 @@ import torch
 
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.core.protocol import Protocol
-from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from prunerzero.fitness.session import Session
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.fitness.speed import machine
 from prunerzero.pruning.reduce import unit_scores
 from prunerzero.pruning.attention.mode import AttentionTarget, _Grab, optimise_qk
 from prunerzero.pruning.attention.loss import BlockAttention, Objective
@@ -31,8 +33,6 @@ from prunerzero.pruning.sequential import run_sequential
 from prunerzero.pruning.unstructured.sparsegpt import HessianAccumulator, sparsegpt_unit
 from prunerzero.pruning.unstructured.target import PruneTarget
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_report import machine  # noqa: E402  (a sibling script)
 
 
 def log(msg: str) -> None:
@@ -221,7 +221,7 @@ def main(argv=None) -> None:
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.lrs = [float(s) for s in args.lrs.split(",")]
     protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
-    ev = Evaluator(EvalSpec(model=args.model, corpus=args.corpus, split="test", protocol=protocol, mode="attention",
+    ev = Session(EvalSpec(model=args.model, corpus=args.corpus, split="test", protocol=protocol, mode="attention",
                             target={"windows": args.windows}), log=log)
     if args.tune is not None:
         return tune(ev, args)

@@ -3,12 +3,12 @@ targets first, then each section that ran (`--sections`), the machine and the co
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 
 import torch
+
+from prunerzero.fitness.speed import machine
 
 PRUNE_STEPS = ("scores", "masks", "apply", "restore")
 
@@ -20,17 +20,6 @@ def median_ms(samples: list[float]) -> float:
 def paired_ratio(costs: dict[str, list[float]], num: tuple[str, ...], den: str) -> float:
     """Median over repeats of sum(num steps) / den step, each repeat's own."""
     return statistics.median(sum(costs[k][i] for k in num) / costs[den][i] for i in range(len(costs[den])))
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def report(args, spec, ev, metric: str, costs, scaling, search, memory, kernels, throughput=None) -> str:

@@ -18,22 +18,19 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import prunerzero.pruning.modes  # noqa: E402,F401  (registers the reshaped loaders)
-from prunerzero.core.paths import atomic_write_text, cache_dir  # noqa: E402
-from prunerzero.core.protocol import Protocol  # noqa: E402
-from prunerzero.generate import calibration_windows, generate  # noqa: E402
-from prunerzero.jobs import prune_and_save  # noqa: E402
-from prunerzero.models.corpora import CorpusError, load_tokenized  # noqa: E402
-from prunerzero.drafting import load_draft  # noqa: E402
-from prunerzero.models.loading import load_model  # noqa: E402
+import prunerzero.pruning.modes  # noqa: F401  (registers the reshaped loaders)
+from prunerzero.core.paths import atomic_write_text, cache_dir
+from prunerzero.core.protocol import Protocol
+from prunerzero.generate import calibration_windows, generate
+from prunerzero.jobs import prune_and_save
+from prunerzero.models.corpora import CorpusError, load_tokenized
+from prunerzero.drafting import load_draft
+from prunerzero.models.loading import load_model
 
 DRAFTS = "shortgpt:4,shortgpt:8,shortgpt:8+head:4096,shortgpt:12+head:4096,saved-skip25,lookup:10"
 

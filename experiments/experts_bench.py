@@ -23,7 +23,7 @@ Writes results/EXPERTS.md and results/experts_bench.json; leaderboard rows to re
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import csv
 import json
 import os
@@ -33,21 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import machine  # noqa: E402
-
-from prunerzero import __version__, leaderboard  # noqa: E402
-from prunerzero.core.paths import cache_dir  # noqa: E402
-from prunerzero.core.protocol import Protocol  # noqa: E402
-from prunerzero.evolve.campaign import run_campaign  # noqa: E402
-from prunerzero.evolve.config import from_dict  # noqa: E402
-from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
-from prunerzero.fitness.perplexity import perplexity  # noqa: E402
-from prunerzero.fitness.spec import EvalSpec  # noqa: E402
-from prunerzero.fitness.speed import compare, ratio  # noqa: E402
-from prunerzero.models.loading import load_model  # noqa: E402
+from prunerzero import leaderboard
+from prunerzero.core.paths import cache_dir
+from prunerzero.core.protocol import Protocol
+from prunerzero.evolve.campaign import run_campaign
+from prunerzero.evolve.config import from_dict
+from prunerzero.evolve.problems import make_problem
+from prunerzero.fitness.session import Session, count_params
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.fitness.speed import compare, machine, ratio
+from prunerzero.jobs import leaderboard_row
+from prunerzero.pruning.candidates import decode
 
 MOE = "smollm2-135m-moe"
 KEEP = 4
@@ -78,29 +74,42 @@ def row(label, candidate, fields, ppl, params, **extra) -> dict:
     return out
 
 
-def params_of(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+_MOE: dict = {}  # the unpruned MoE's (test perplexity, parameters) per session: every row's reference
 
 
-def prune_measure(ev: Evaluator, candidate, fields: dict, keep_model: bool = False):
-    """(test perplexity, parameters, report[, a copy of the pruned model]); the MoE restored."""
+def moe_reference(ev: Session) -> tuple[float, int]:
+    if id(ev) not in _MOE:
+        _MOE[id(ev)] = (ev.measure().perplexity, count_params(ev.model))
+    return _MOE[id(ev)]
+
+
+def saving_to(folder: Path):
+    """An `observe` hook of Session.trial: the mode saves the pruned model (and the tokenizer)."""
+    @contextlib.contextmanager
+    def save(session, report):
+        session.mode.save(session.ctx, report, folder)
+        session.lm.tokenizer.save_pretrained(folder)
+        yield {"saved": str(folder)}
+    return save
+
+
+def prune_measure(ev: Session, candidate, fields: dict, keep_model: bool = False, label: str = ""):
+    """(test perplexity, parameters, report, a copy of the pruned model or None, its saved folder or
+    None, the leaderboard row or None) through Session.trial; the MoE restored. With a `label`,
+    the row the CLI would write for this trial (jobs.leaderboard_row)."""
     target = ev.mode.make_target({"experts": KEEP, **fields})
-    try:
-        report = ev.prune(ev.candidate(candidate) if isinstance(candidate, str) else candidate, target)
-        ppl, n = ev.measure().perplexity, params_of(ev.model)
-        pruned = copy.deepcopy(ev.model) if keep_model else None
-        saved = None
-        if keep_model:
-            saved = Path(tempfile.mkdtemp(prefix="experts_bench_"))
-            ev.mode.save(ev.ctx, report, saved)
-            ev.lm.tokenizer.save_pretrained(saved)
-    finally:
-        ev.restore()
-    return ppl, n, report, pruned, saved
+    thing = ev.candidate(candidate) if isinstance(candidate, str) else candidate
+    saved = Path(tempfile.mkdtemp(prefix="experts_bench_")) if keep_model else None
+    trial = ev.trial(thing, target, keep=keep_model, observe=saving_to(saved) if saved else None)
+    board = None
+    if label:
+        board = leaderboard_row(ev, trial, (label, str(candidate), f"experts:{label}", thing), target,
+                                *moe_reference(ev))
+    return trial.perplexity.perplexity, trial.params, trial.report, trial.pruned, saved, board
 
 
 # ------------------------------------------------------------------ a: the MoE
-def section_a(ev: Evaluator, dense_ppl: float) -> list[dict]:
+def section_a(ev: Session, dense_ppl: float) -> list[dict]:
     rows = [row("dense smollm2-135m", "", {}, dense_ppl, None)]
     for k in (1, 2, 3, 4, 8):
         ppl, n, *_ = prune_measure(ev, "reap", {"experts": 8, "top_k": k})
@@ -109,13 +118,13 @@ def section_a(ev: Evaluator, dense_ppl: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------ b: one shot
-def section_b(ev: Evaluator) -> list[dict]:
+def section_b(ev: Session) -> list[dict]:
     rows = []
     for label, cand, fields in ONE_SHOT + MERGED:
         t0 = time.perf_counter()
-        ppl, n, report, *_ = prune_measure(ev, cand, {"merge": "none", **fields})
+        ppl, n, report, _, _, board = prune_measure(ev, cand, {"merge": "none", **fields}, label=label)
         rows.append(row(label, cand, {"merge": "none", **fields}, ppl, n, seconds=round(time.perf_counter() - t0, 1),
-                        keep=report.extra["plan"]["keep"]))
+                        keep=report.extra["plan"]["keep"], leaderboard=board))
     return rows
 
 
@@ -135,33 +144,33 @@ def best_of(run_dir: Path) -> dict:
         return next(csv.DictReader(f))
 
 
-def eep_stage(ev: Evaluator, protocol: Protocol, name: str, problem: dict, fields: dict, args):
+def eep_stage(ev: Session, protocol: Protocol, name: str, problem: dict, fields: dict, args, label: str):
     """One EEP stage through the campaign machinery: (its best row of hall_of_fame.csv, its best
-    plan, test perplexity, parameters, seconds, run directory)."""
-    from prunerzero.evolve.problems import make_problem
-    from prunerzero.pruning.candidates import decode
-
+    plan, test perplexity, parameters, seconds, run directory, leaderboard row)."""
     config = from_dict(eep_config(name, protocol, problem, fields, args))
     t0 = time.perf_counter()
     run = run_campaign(config)
     best = best_of(run)
     made = make_problem(config)
     plan = decode(made.candidate(made.decode([int(g) for g in best["genes"].split()])))
-    ppl, n, *_ = prune_measure(ev, plan, fields)
-    return best, plan, ppl, n, round(time.perf_counter() - t0, 1), str(run)
+    ppl, n, _, _, _, board = prune_measure(ev, plan, fields, label=label)
+    return best, plan, ppl, n, round(time.perf_counter() - t0, 1), str(run), board
 
 
-def section_c(ev: Evaluator, protocol: Protocol, order: str, fields: dict, args) -> list[dict]:
-    best1, plan1, ppl, n, seconds, run1 = eep_stage(ev, protocol, "experts-eep-prune",
-                                                    {"order": order, "stage": "prune", "moves": 3}, fields, args)
-    rows = [row(f"EEP stage 1 (prune, from {order})", order, fields, ppl, n, valid=float(best1["fitness"]),
-                seconds=seconds, run_dir=run1, keep=best1["formula"])]
-    ppl, n, *_ = prune_measure(ev, plan1, {**fields, "merge": "refit"})
-    rows.append(row("EEP stage 1 + refit", order, {**fields, "merge": "refit"}, ppl, n, keep=best1["formula"]))
-    best2, _, ppl, n, seconds, run2 = eep_stage(ev, protocol, "experts-eep-merge", {
-        "order": order, "stage": "merge", "keep": best1["formula"], "moves": 3}, fields, args)
-    rows.append(row("EEP stage 2 (+ merge)", order, fields, ppl, n, valid=float(best2["fitness"]), seconds=seconds,
-                    run_dir=run2, merge=best2["formula"]))
+def section_c(ev: Session, protocol: Protocol, order: str, fields: dict, args) -> list[dict]:
+    label = f"EEP stage 1 (prune, from {order})"
+    best1, plan1, ppl, n, seconds, run1, board = eep_stage(
+        ev, protocol, "experts-eep-prune", {"order": order, "stage": "prune", "moves": 3}, fields, args, label)
+    rows = [row(label, order, fields, ppl, n, valid=float(best1["fitness"]), seconds=seconds, run_dir=run1,
+                keep=best1["formula"], leaderboard=board)]
+    ppl, n, _, _, _, board = prune_measure(ev, plan1, {**fields, "merge": "refit"}, label="EEP stage 1 + refit")
+    rows.append(row("EEP stage 1 + refit", order, {**fields, "merge": "refit"}, ppl, n, keep=best1["formula"],
+                    leaderboard=board))
+    label = "EEP stage 2 (+ merge)"
+    best2, _, ppl, n, seconds, run2, board = eep_stage(ev, protocol, "experts-eep-merge", {
+        "order": order, "stage": "merge", "keep": best1["formula"], "moves": 3}, fields, args, label)
+    rows.append(row(label, order, fields, ppl, n, valid=float(best2["fitness"]), seconds=seconds,
+                    run_dir=run2, merge=best2["formula"], leaderboard=board))
     return rows
 
 
@@ -187,60 +196,45 @@ def peak_mb(path: Path | str, seq_len: int) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def section_d(ev: Evaluator, args) -> list[dict]:
+def section_d(ev: Session, args) -> list[dict]:
     ids = ev.windows[:1, :args.speed_len]
     variants = {}
     for label, fields in (("MoE top-2", {"experts": 8}), ("MoE top-1", {"experts": 8, "top_k": 1}),
                           (f"{KEEP}/8 REAP, top-2", {}), (f"{KEEP}/8 REAP, top-1", {"top_k": 1})):
-        ppl, n, _, model, saved = prune_measure(ev, "reap", fields, keep_model=True)
-        variants[label] = (fields, ppl, n, model, saved)
+        variants[label] = (fields, *prune_measure(ev, "reap", fields, keep_model=True, label=label))
     load = os.getloadavg()[0]
-    speed = compare({k: v[3] for k, v in variants.items()}, ids, repeats=args.repeats, warmup=1, decode_tokens=16,
+    speed = compare({k: v[4] for k, v in variants.items()}, ids, repeats=args.repeats, warmup=1, decode_tokens=16,
                     logits_to_keep=1)
     base = speed["MoE top-2"]
     rows = []
-    for label, (fields, ppl, n, _, saved) in variants.items():
-        s = speed[label]
+    for label, (fields, ppl, n, _, _, saved, board) in variants.items():
+        s, peak = speed[label], peak_mb(saved, args.speed_len)
+        board |= {"tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
+                  "peak_mem_mb": peak}
         rows.append(row(label, "reap", fields, ppl, n, prefill_tokens_per_s=s.prefill_tokens_per_s,
                         decode_tokens_per_s=s.decode_tokens_per_s, prefill_speedup=ratio(s, base),
-                        decode_speedup=ratio(s, base, "decode"), peak_mb=peak_mb(saved, args.speed_len),
-                        load_before=load, load_after=os.getloadavg()[0]))
+                        decode_speedup=ratio(s, base, "decode"), peak_mb=peak,
+                        load_before=load, load_after=os.getloadavg()[0], leaderboard=board))
     rows.append(row("dense smollm2-135m (memory)", "", {}, float("nan"), None, peak_mb=peak_mb("smollm2-135m",
                                                                                                 args.speed_len)))
     return rows
 
 
 # ------------------------------------------------------------------ e: a discovered metric
-def section_e(ev: Evaluator, run_dir: Path) -> list[dict]:
+def section_e(ev: Session, run_dir: Path) -> list[dict]:
     best = best_of(run_dir)
     rows = []
     for label, cand in (("discovered metric x REAP", best["formula"]), ("frequency", "frequency"), ("REAP", "reap")):
-        ppl, n, *_ = prune_measure(ev, cand, {})
-        rows.append(row(label, cand, {}, ppl, n, valid=float(best["fitness"]) if cand == best["formula"] else None))
+        ppl, n, _, _, _, board = prune_measure(ev, cand, {}, label=label)
+        rows.append(row(label, cand, {}, ppl, n, valid=float(best["fitness"]) if cand == best["formula"] else None,
+                        leaderboard=board))
     return rows
 
 
-def leaderboard_rows(doc: dict, protocol: Protocol, device: str) -> list[dict]:
-    """One leaderboard row per measured (method, experts kept, active experts)."""
-    out = []
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    moe = next(r for r in doc["a"] if r["method"].startswith("MoE, top-2"))
-    speed = {r["method"]: r for r in doc.get("d", [])}
-    for r in doc.get("b", []) + doc.get("c", []) + doc.get("d", []) + doc.get("e", []):
-        if r["params"] is None:
-            continue
-        fields = {"experts": KEEP, **r["target"]}
-        budget = f"{fields['experts']} of 8 experts per layer, top-{fields.get('top_k') or 2}" + (
-            {"aligned": ", merged", "refit": ", refit"}.get(fields.get("merge"), ", merged" if "merge" in r["method"] else ""))
-        s = speed.get(r["method"], {})
-        out.append({"metric": r["method"], "formula": str(r["candidate"]), "key": f"experts:{r['method']}", "model": MOE,
-                    "corpus": "austen", "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
-                    "stats_mode": protocol.stats_mode, "split": "test", "mode": "experts", "budget": budget,
-                    "perplexity": r["perplexity"], "dense_perplexity": moe["perplexity"], "params": r["params"],
-                    "dense_params": moe["params"], "tokens_per_s": s.get("prefill_tokens_per_s"),
-                    "decode_tokens_per_s": s.get("decode_tokens_per_s"), "peak_mem_mb": s.get("peak_mb"),
-                    "seed": protocol.seed, "version": __version__, "device": device, "timestamp": stamp})
-    return out
+def leaderboard_rows(doc: dict) -> list[dict]:
+    """The leaderboard rows the sections measured, each built by jobs.leaderboard_row as the CLI's
+    (a section of an earlier version's JSON, without them, adds none)."""
+    return [r["leaderboard"] for name in "bcde" for r in doc.get(name, []) if r.get("leaderboard")]
 
 
 # ------------------------------------------------------------------ the report
@@ -396,10 +390,10 @@ def main(argv=None) -> None:
                 "commands": doc.get("commands", []) + [command]})
     dense_ppl = None
     if "a" in args.sections:
-        dense = Evaluator(EvalSpec(model="smollm2-135m", split="test", protocol=protocol))
+        dense = Session(EvalSpec(model="smollm2-135m", split="test", protocol=protocol))
         dense_ppl = dense.measure().perplexity
         del dense
-    ev = Evaluator(EvalSpec(model=MOE, split="test", protocol=protocol, mode="experts", target={"experts": KEEP}),
+    ev = Session(EvalSpec(model=MOE, split="test", protocol=protocol, mode="experts", target={"experts": KEEP}),
                    log=print)
     sections = {"a": lambda: section_a(ev, dense_ppl), "b": lambda: section_b(ev),
                 "c": lambda: section_c(ev, protocol, *eep_order(doc), args), "d": lambda: section_d(ev, args),
@@ -409,8 +403,7 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(doc, indent=1))  # each section kept as soon as it is measured
     doc["seconds"] = doc.get("seconds", 0) + round(time.perf_counter() - t_start)
     out.write_text(json.dumps(doc, indent=1))
-    device = f"cpu x{torch.get_num_threads()} (float32)"
-    leaderboard.append(leaderboard_rows(doc, protocol, device), args.leaderboard)
+    leaderboard.append(leaderboard_rows(doc), args.leaderboard)
     Path(args.report).write_text(render(doc))
     print(f"wrote {out}, {args.report} and rows of {args.leaderboard}")
 

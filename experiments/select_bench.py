@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import torch
 
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.core.protocol import Protocol
-from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from prunerzero.fitness.session import Session
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.fitness.speed import machine
 from prunerzero.pruning import masks, select_native
 from prunerzero.pruning.reduce import unit_scores
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_report import machine  # noqa: E402  (a sibling script)
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "SELECT.md"
 SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=4)  # test_real_modes' statistics: cached
@@ -56,7 +55,7 @@ TRIED = [
 
 
 def wanda_scores() -> tuple[list[str], list[torch.Tensor]]:
-    ev = Evaluator(EvalSpec(model="smollm2-135m", split="valid", protocol=SMALL), needs=frozenset({"X"}))
+    ev = Session(EvalSpec(model="smollm2-135m", split="valid", protocol=SMALL), needs=frozenset({"X"}))
     metric = ev.candidate("wanda")
     stats = ev.stats(metric.needs)
     return [u.name for u in ev.units], [unit_scores(metric, u, stats).contiguous() for u in ev.units]

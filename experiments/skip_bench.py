@@ -21,38 +21,40 @@ results/SKIP.md, results/SKIP.json and results/SKIP-curve.png (named after --out
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import machine  # noqa: E402
-
-from prunerzero.core.protocol import Protocol  # noqa: E402
-from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
-from prunerzero.fitness.spec import EvalSpec  # noqa: E402
-from prunerzero.fitness.speed import compare, ratio  # noqa: E402
-from prunerzero.pruning.skip.skipping import skip_counts  # noqa: E402
+from prunerzero.core.protocol import Protocol
+from prunerzero.fitness.session import Session
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.fitness.speed import compare, machine, ratio
+from prunerzero.pruning.skip.skipping import skip_counts
 
 DISCOVERED = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-1.py:metric"
 STATIC = [("ShortGPT (sublayers)", "shortgpt"), ("removal loss", "removal"),
           ("discovered metric", DISCOVERED), ("wanda", "wanda")]
 
 
-def measure(ev: Evaluator, candidate, target) -> dict:
+@contextlib.contextmanager
+def skips_counted(session, report):
+    """The share skipped on the tokens measured while inside (the routers' counters)."""
+    seen: dict = {}
+    skip_counts(session.model, reset=True)
+    yield seen
+    seen.update(skip_counts(session.model))
+
+
+def measure(ev: Session, candidate, target) -> dict:
     """Prune, measure test perplexity and the share skipped on the test tokens, restore."""
-    t0 = time.perf_counter()
-    report = ev.prune(candidate, target)
-    seconds = time.perf_counter() - t0
-    skip_counts(ev.model, reset=True)
-    ppl = ev.measure().perplexity
-    test = skip_counts(ev.model)
-    ev.restore()
+    trial = ev.trial(candidate, target, observe=skips_counted)
+    report, ppl, seconds, test = trial.report, trial.perplexity.perplexity, trial.prune_seconds, trial.observed
     x = report.extra
     static = "removed" in x
     row = {"ratio": target.ratio, "modules": target.modules, "perplexity": ppl, "prune_seconds": seconds,
@@ -70,10 +72,8 @@ def flops(model, ids) -> int:
     return counter.get_total_flops()
 
 
-def speed(ev: Evaluator, routers: str, fields: dict, ids, repeats: int) -> dict:
+def speed(ev: Session, routers: str, fields: dict, ids, repeats: int) -> dict:
     """Dense, gather and multiply (the same routers and threshold), interleaved."""
-    import copy
-
     models, shares, counted = {"dense": copy.deepcopy(ev.model)}, {}, {"dense": flops(ev.model, ids)}
     for execution in ("gather", "multiply"):
         ev.prune("router", ev.mode.make_target(fields | {"routers": routers, "execution": execution}))
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
-    ev = Evaluator(EvalSpec(split="test", protocol=protocol, mode="skip"), log=print)
+    ev = Session(EvalSpec(split="test", protocol=protocol, mode="skip"), log=print)
     out = Path(args.out)
     if args.speed_only:
         doc = json.loads(out.with_suffix(".json").read_text())

@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import fcntl
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import machine  # noqa: E402
-
-from prunerzero.core.protocol import Protocol  # noqa: E402
-from prunerzero.fitness.evaluator import Evaluator  # noqa: E402
-from prunerzero.fitness.spec import EvalSpec  # noqa: E402
-from prunerzero.fitness.speed import compare, ratio  # noqa: E402
-from prunerzero.pruning.structured.latency import cached  # noqa: E402
-from prunerzero.pruning.structured.mode import latency_table  # noqa: E402
+from prunerzero.core.protocol import Protocol
+from prunerzero.fitness.session import Session
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.fitness.speed import compare, exclusive, machine, ratio
+from prunerzero.pruning.structured.latency import cached
+from prunerzero.pruning.structured.mode import latency_table
 
 DISCOVERED = "results/metrics/smollm2-cpu-unstructured50-20261122-131852-1.py:metric"
 # (label, candidate, target fields beyond the budget): the MILP with each importance, then the baselines
@@ -54,31 +48,10 @@ BASELINES = ("greedy", "uniform", "ShortGPT")
 THREADS = torch.get_num_threads()
 
 
-@contextlib.contextmanager
-def exclusive(lock: str | None):
-    """With a lock file: hold it exclusively, with all threads, while timing; run everything else
-    on one thread (a busy second core stalls two-thread kernels)."""
-    if not lock:
-        yield
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        torch.set_num_threads(THREADS)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(1)
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def run_one(ev: Evaluator, label, candidate, target, ids, lock, repeats, timed=True) -> dict:
-    t0 = time.perf_counter()
-    report = ev.prune(candidate, target)
-    prune_s = time.perf_counter() - t0
-    ppl = ev.measure().perplexity
-    pruned = copy.deepcopy(ev.model)
-    params = sum(p.numel() for p in pruned.parameters())
-    ev.restore()
+def run_one(ev: Session, label, candidate, target, ids, lock, repeats, timed=True) -> dict:
+    trial = ev.trial(candidate, target, keep=timed)
+    report, ppl, params, prune_s, pruned = (trial.report, trial.perplexity.perplexity, trial.params,
+                                            trial.prune_seconds, trial.pruned)
     x = report.extra
     if not timed:  # quality only
         row = {"method": label, "budget": target.latency, "perplexity": ppl, "params": params,
@@ -116,7 +89,7 @@ def main(argv=None) -> None:
     described = machine() + (f"; timed with {THREADS} threads under an exclusive lock, the rest on 1" if args.lock else "")
     protocol = Protocol(seq_len=args.seq_len, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
     spec = EvalSpec(split="test", protocol=protocol, mode="structured", target={"width": args.width})
-    ev = Evaluator(spec, log=print)
+    ev = Session(spec, log=print)
     dense_ppl = ev.measure().perplexity
     print(f"dense test perplexity {dense_ppl:.3f}", flush=True)
     target0 = ev.target

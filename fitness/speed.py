@@ -6,6 +6,10 @@ moves all of them together; `ratio` takes the ratio per repeat, then the median.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import platform
 import statistics
 from dataclasses import dataclass, field
 
@@ -60,3 +64,59 @@ def ratio(a: Speed, b: Speed, what: str = "prefill") -> float:
     """Median over repeats of b's time / a's time: how many times faster a is than b."""
     xs, ys = (a.prefill_s, b.prefill_s) if what == "prefill" else (a.decode_s, b.decode_s)
     return statistics.median(y / x for x, y in zip(xs, ys))
+
+
+@dataclass(frozen=True)
+class SpeedProtocol:
+    """How speed is measured beside perplexity: prefill of (batch, seq_len) test tokens and
+    `decode_tokens` greedy tokens with the KV cache after it, `repeats` interleaved repeats."""
+
+    batch: int = 1
+    seq_len: int = 256
+    repeats: int = 5
+    decode_tokens: int = 16
+
+    def columns(self, dense, pruned, windows) -> dict:
+        """The leaderboard's speed columns of `pruned` against `dense` on the first windows."""
+        ids = windows[: self.batch, : self.seq_len]
+        if ids.shape != (self.batch, self.seq_len):
+            raise ValueError(f"speed needs {self.batch} windows of {self.seq_len} tokens; the split gives {tuple(windows.shape)}")
+        got = compare({"dense": dense, "pruned": pruned}, ids, self.repeats, 1, self.decode_tokens)
+        d, p = got["dense"], got["pruned"]
+        return {"latency_ms": p.prefill_ms, "dense_latency_ms": d.prefill_ms,
+                "tokens_per_s": p.prefill_tokens_per_s, "dense_tokens_per_s": d.prefill_tokens_per_s,
+                "decode_tokens_per_s": p.decode_tokens_per_s, "dense_decode_tokens_per_s": d.decode_tokens_per_s}
+
+
+def machine() -> str:
+    """The machine a timing was taken on, in words (every benchmark report names it)."""
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+_THREADS = torch.get_num_threads()  # the process's threads before any `exclusive` turned them down
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | None, threads: int | None = None):
+    """Time alone: with a lock file, hold it exclusively with `threads` (default: all) torch
+    threads, and run on one thread outside it (a busy second core stalls two-thread kernels).
+    Without a lock file, nothing changes."""
+    if not lock:
+        yield
+        return
+    threads = threads or _THREADS
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -14,7 +14,7 @@ from prunerzero.cli_generate import register as register_generate
 from prunerzero.console import friendly_errors, log, plain_when_piped
 from prunerzero.core.fields import parse_assignments
 from prunerzero.core.protocol import Protocol
-from prunerzero.fitness.evaluator import Evaluator
+from prunerzero.fitness.session import Session
 from prunerzero.fitness.spec import EvalSpec
 from prunerzero.jobs import SpeedProtocol, leaderboard_rows, prune_and_save
 from prunerzero.models import zoo
@@ -97,7 +97,7 @@ def eval_cmd(model: Model = "smollm2-135m", corpus: Corpus = "austen",
              dtype: Dtype = "auto") -> None:
     """Perplexity of a (dense or already pruned) model."""
     protocol = Protocol(seq_len=seq_len, eval_windows=eval_windows, calib_windows=1, bos=bos)
-    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype))
+    ev = Session(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype))
     r = ev.measure()
     print(f"{model} on {corpus}/{split}: perplexity {r.perplexity:.4f} ({r.tokens} tokens)")
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from prunerzero import __version__
 from prunerzero.core.protocol import Protocol
-from prunerzero.fitness import speed as speed_of
-from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from prunerzero.fitness.session import Session, Trial, count_params
+from prunerzero.fitness.spec import EvalSpec
+from prunerzero.fitness.speed import SpeedProtocol
 from prunerzero.models.corpora import FETCHERS, load_text
 from prunerzero.models.loading import model_source, resolve_device, resolve_dtype
 from prunerzero.pruning.candidates import Method
@@ -49,38 +46,6 @@ def check_inputs(model: str, corpus: str = "austen", device: str = "auto", dtype
         load_text(corpus)  # raises, naming the corpus
 
 
-def _device_name(ev: Evaluator) -> str:
-    dev = ev.lm.device
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} ({str(ev.lm.dtype).replace('torch.', '')})"
-    return f"cpu x{torch.get_num_threads()} ({str(ev.lm.dtype).replace('torch.', '')})"
-
-
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@dataclass(frozen=True)
-class SpeedProtocol:
-    """How speed is measured beside perplexity: prefill of (batch, seq_len) test tokens and
-    `decode_tokens` greedy tokens with the KV cache after it, `repeats` interleaved repeats."""
-
-    batch: int = 1
-    seq_len: int = 256
-    repeats: int = 5
-    decode_tokens: int = 16
-
-    def columns(self, dense, pruned, windows) -> dict:
-        ids = windows[: self.batch, : self.seq_len]
-        if ids.shape != (self.batch, self.seq_len):
-            raise ValueError(f"speed needs {self.batch} windows of {self.seq_len} tokens; the split gives {tuple(windows.shape)}")
-        got = speed_of.compare({"dense": dense, "pruned": pruned}, ids, self.repeats, 1, self.decode_tokens)
-        d, p = got["dense"], got["pruned"]
-        return {"latency_ms": p.prefill_ms, "dense_latency_ms": d.prefill_ms,
-                "tokens_per_s": p.prefill_tokens_per_s, "dense_tokens_per_s": d.prefill_tokens_per_s,
-                "decode_tokens_per_s": p.decode_tokens_per_s, "dense_decode_tokens_per_s": d.decode_tokens_per_s}
-
-
 def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: list[float] | None = None,
                      patterns: list[str] | None = None, group: str = "row", protocol: Protocol | None = None,
                      split: str = "test", device: str = "auto", dtype: str = "auto", log=print, on_row=None,
@@ -98,44 +63,47 @@ def leaderboard_rows(model: str, corpus: str, metrics: list[str], sparsities: li
     resolved_targets = [the_mode.make_target(t) for t in targets]  # bad input fails before loading anything
     check_inputs(model, corpus, device, dtype)
     resolved = [_candidate(the_mode, m) for m in metrics]  # last: a metric file may be imported
-    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype,
-                            mode=mode, target=targets[0]), log=log)
+    ev = Session(EvalSpec(model=model, corpus=corpus, split=split, protocol=protocol, device=device, dtype=dtype,
+                          mode=mode, target=targets[0]), log=log)
     dense = ev.measure()
     dense_params = count_params(ev.model)
-    log(f"dense perplexity {dense.perplexity:.3f} on {dense.tokens} {split} tokens")
+    log(f"dense perplexity {dense.perplexity:.3f} on {ev.describe_windows()}")
     ev.stats(frozenset().union(*(getattr(t, "needs", ()) for *_, t in resolved)))  # one calibration pass for all
     rows = []
     for name, formula, key, thing in resolved:
         for target in resolved_targets:
-            t0 = time.perf_counter()
-            try:
-                report = ev.prune(thing, target)
-                ppl = ev.measure()
-                params = count_params(ev.model)
-                pruned = copy.deepcopy(ev.model) if speed else None
-            finally:
-                ev.restore()
-            timing = speed.columns(ev.model, pruned, ev.windows) if speed else {}
-            row = {
-                "metric": name, "formula": formula, "key": key, "model": model, "corpus": corpus,
-                "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
-                "stats_mode": getattr(thing, "stats_mode", "") or protocol.stats_mode, "split": split,
-                "mode": mode, "budget": target.describe(), "target": the_mode.identity(target),
-                "sparsity": round(getattr(target, "expected_sparsity", float("nan")), 6),
-                "pattern": getattr(target, "pattern", ""), "group": getattr(target, "group", ""),
-                "perplexity": ppl.perplexity, "dense_perplexity": dense.perplexity,
-                "achieved_sparsity": report.sparsity, "params": params, "dense_params": dense_params,
-                **timing, **report.extra,
-                "calib_tokens": int(ev.calibration.numel()), "eval_tokens": ppl.tokens, "seed": protocol.seed,
-                "version": __version__, "device": _device_name(ev), "seconds": round(time.perf_counter() - t0, 2),
-                "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            log(f"{name:>14} {mode} {target.describe():>28}: perplexity {ppl.perplexity:.3f} "
-                f"(sparsity {report.sparsity:.4f}, {row['seconds']}s)")
+            trial = ev.trial(thing, target, speed=speed)
+            row = leaderboard_row(ev, trial, (name, formula, key, thing), target, dense.perplexity, dense_params)
+            log(f"{name:>14} {mode} {target.describe():>28}: perplexity {trial.perplexity.perplexity:.3f} "
+                f"(sparsity {trial.report.sparsity:.4f}, {row['seconds']}s)")
             rows.append(row)
             if on_row:
                 on_row(row)
     return rows
+
+
+def leaderboard_row(session: Session, trial: Trial, candidate: tuple, target, dense_perplexity: float,
+                    dense_params: int) -> dict:
+    """One leaderboard row (prunerzero.leaderboard.COLUMNS, `target`: the whole target, and the
+    mode's own measurements from `report.extra`) of a trial on this session — the one path by
+    which the CLI and the benchmark scripts write rows. `candidate`: (name, formula, key, thing)."""
+    name, formula, key, thing = candidate
+    protocol, spec = session.spec.protocol, session.spec
+    report, ppl = trial.report, trial.perplexity
+    return {
+        "metric": name, "formula": formula, "key": key, "model": spec.model, "corpus": spec.corpus,
+        "protocol": protocol.describe(), "protocol_id": protocol.fingerprint(),
+        "stats_mode": getattr(thing, "stats_mode", "") or protocol.stats_mode, "split": spec.split,
+        "mode": spec.mode, "budget": target.describe(), "target": session.mode.identity(target),
+        "sparsity": round(getattr(target, "expected_sparsity", float("nan")), 6),
+        "pattern": getattr(target, "pattern", ""), "group": getattr(target, "group", ""),
+        "perplexity": ppl.perplexity, "dense_perplexity": dense_perplexity,
+        "achieved_sparsity": report.sparsity, "params": trial.params, "dense_params": dense_params,
+        **trial.speed, **report.extra,
+        "calib_tokens": int(session.calibration.numel()), "eval_tokens": ppl.tokens, "seed": protocol.seed,
+        "version": __version__, "device": session.device_name(), "seconds": round(trial.seconds, 2),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "austen",
@@ -149,8 +117,8 @@ def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "au
     target = target if not isinstance(target, dict) else the_mode.make_target(target)
     check_inputs(model, corpus, device, dtype)
     name, formula, key, thing = _candidate(the_mode, metric)  # last: a metric file may be imported
-    ev = Evaluator(EvalSpec(model=model, corpus=corpus, split="test", protocol=protocol, device=device, dtype=dtype,
-                            mode=mode, target=asdict(target)), log=log)
+    ev = Session(EvalSpec(model=model, corpus=corpus, split="test", protocol=protocol, device=device, dtype=dtype,
+                          mode=mode, target=asdict(target)), log=log)
     windows = f"{len(ev.windows)} test windows x {ev.windows.shape[1]} tokens"
     if measure:
         log(f"measuring the dense perplexity on {windows}")
@@ -168,11 +136,14 @@ def prune_and_save(model: str, metric: str, target, out: Path, corpus: str = "au
         ev.model.save_pretrained(out)
     ev.lm.tokenizer.save_pretrained(out)
     report.table().to_csv(out / "prune_report.csv", index=False)
+    # the tokens the perplexities read: their count and corpus (the windows were named when measuring began)
+    tokens = f"{pruned.tokens} test tokens of {corpus}" if measure else None
+    achieved = the_mode.measure(report)  # the budget in the mode's own unit, not a weight sparsity for every mode
     summary = {"metric": name, "formula": formula, "key": key, "mode": mode, "target": asdict(target),
-               "budget": target.describe(), "achieved_sparsity": report.sparsity, "out": str(out),
-               "dense_perplexity": dense.perplexity if dense else None,
-               "perplexity": pruned.perplexity if pruned else None}
-    log(f"pruned {model} with {name} ({mode}: {target.describe()}): sparsity {report.sparsity:.4f}"
-        + (f", perplexity {dense.perplexity:.3f} -> {pruned.perplexity:.3f} on {pruned.tokens} test tokens"
+               "budget": target.describe(), "achieved": achieved, "achieved_sparsity": report.sparsity,
+               "out": str(out), "dense_perplexity": dense.perplexity if dense else None,
+               "perplexity": pruned.perplexity if pruned else None, "measured_on": tokens}
+    log(f"pruned {model} with {name} ({mode}: {target.describe()}): {achieved}"
+        + (f"; {corpus} perplexity {dense.perplexity:.3f} -> {pruned.perplexity:.3f} on {pruned.tokens} test tokens"
            if measure else "") + f"; saved to {out}")
     return summary

@@ -1,6 +1,8 @@
 """Integration on the real smollm2-135m and the real austen corpus (both fetched by the install
 command; fetched here on first use otherwise), at a small CPU token budget."""
 
+import contextlib
+
 import pandas as pd
 import pytest
 import torch
@@ -103,3 +105,28 @@ def test_leaderboard_rows_append_without_duplicates(tmp_path):
     assert not df.duplicated(subset=IDENTITY).any()
     assert set(df["pattern"]) == {"unstructured", "2:4"}
     assert (df["perplexity"] > df["dense_perplexity"]).all()
+
+
+def test_a_trial_measures_what_evaluate_measures_and_leaves_the_dense_model(evaluator, results):
+    dense, pruned = results
+    trial = evaluator.trial("wanda", keep=True)
+    assert trial.perplexity.perplexity == pruned["wanda"].perplexity  # the same windows, the same forward
+    assert trial.report.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert trial.params == sum(p.numel() for p in evaluator.model.parameters())  # masks remove no parameter
+    zeros = sum(int((m.weight == 0).sum()) for m in trial.pruned.modules() if isinstance(m, torch.nn.Linear))
+    assert zeros > 0.45 * sum(u.weight.numel() for u in evaluator.units)  # the copy is the pruned model
+    assert evaluator.measure().perplexity == dense  # the session's own model is dense again
+
+
+def test_a_trial_that_fails_while_measuring_still_restores_the_dense_model(evaluator, results):
+    dense, _ = results
+
+    @contextlib.contextmanager
+    def broken(session, report):
+        assert session.model is evaluator.model and report.sparsity > 0.4  # entered with the model pruned
+        raise RuntimeError("a hook failed mid-measurement")
+        yield {}
+
+    with pytest.raises(RuntimeError, match="mid-measurement"):
+        evaluator.trial("magnitude", observe=broken)
+    assert evaluator.measure().perplexity == dense

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunerzero.fitness.speed import Speed, compare, ratio
-from prunerzero.jobs import SpeedProtocol
+from prunerzero.fitness.speed import SpeedProtocol
 
 
 def test_compare_times_each_model_per_repeat_and_a_smaller_model_is_not_slower(tiny_llama, tiny_windows):

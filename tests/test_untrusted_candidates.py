@@ -45,7 +45,7 @@ def no_model_load(monkeypatch):
     """A command that got as far as loading the model fails at once (and says so)."""
     def refuse(*args, **kwargs):
         raise RuntimeError("the model was loaded")
-    monkeypatch.setattr("prunerzero.jobs.Evaluator", refuse)
+    monkeypatch.setattr("prunerzero.jobs.Session", refuse)
 
 
 def test_a_metric_from_data_is_read_never_imported(tmp_path, evil):

@@ -23,7 +23,7 @@ def no_model_load(monkeypatch):
     """A command that got as far as loading the model fails at once (and says so)."""
     def refuse(*args, **kwargs):
         raise RuntimeError("the model was loaded")
-    monkeypatch.setattr("prunerzero.jobs.Evaluator", refuse)
+    monkeypatch.setattr("prunerzero.jobs.Session", refuse)
 
 
 @pytest.mark.parametrize("mode, data, needle", [
