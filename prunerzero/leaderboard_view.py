@@ -102,6 +102,7 @@ def show(df: pd.DataFrame, mode: str | None = None, width: int | None = None) ->
     """The leaderboard as plain text: per mode, per setting, one line a row (best first), columns
     cut to `width` (the terminal's; 100 when piped) — never a cell folded over lines."""
     width = width or shutil.get_terminal_size((100, 24)).columns
+    df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))  # a table built by hand, too
     modes = [mode] if mode else modes_in(df)
     out = []
     for m in modes:
@@ -112,7 +113,8 @@ def show(df: pd.DataFrame, mode: str | None = None, width: int | None = None) ->
         columns = _mode_columns(rows)
         for _, group in settings(rows):
             out += _setting_lines(group, columns, width)
-    out.append(f"\n({BEST_MARK} the best hand-made row: a built-in metric or a method; x dense: perplexity / dense)")
+    out += [""] + textwrap.wrap(f"({BEST_MARK} the best hand-made row: a built-in metric or a method; "
+                                "x dense: perplexity / dense)", width)
     return "\n".join(out)
 
 
