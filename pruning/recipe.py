@@ -27,7 +27,9 @@ registry and the leaderboard read the recipe and never name a mode:
   and the (marker file, loader) that `prunerzero.models.loading` rebuilds it with;
 - `writes_weights`, `check(ctx, target)` (fail before any work when the model cannot take this
   target), `default` (the candidate `prunerzero prune` uses when none is given);
-- `identity(target)`: the target in full (every field), the key of one budget in result tables.
+- `identity(target)`: the target in full (every field), the key of one budget in result tables;
+- `measure(report) -> str`: what a pruning achieved in the mode's own unit, in words (`prunerzero
+  prune` prints it): weight sparsity by default; a predicted latency, a skip ratio, experts kept.
 
 To add a mode: ARCHITECTURE.md, "Where to add … a pruning mode".
 """
@@ -56,6 +58,11 @@ def _no_check(ctx, target) -> None:
     return None
 
 
+def weight_sparsity(report) -> str:
+    """The default budget measure: the share of the prunable weights that are zero."""
+    return f"weight sparsity {report.sparsity:.4f}"
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -76,6 +83,7 @@ class Recipe:
     columns: tuple[str, ...] = ()
     kinds: Mapping[str, type] = field(default_factory=dict)
     problems: tuple[str, ...] = ("metric",)
+    measure: Callable = weight_sparsity  # (PruneReport) -> str: the budget achieved, in the mode's own unit
 
     def make_target(self, fields: Mapping | None = None, where: str = "target"):
         """The mode's target from a mapping of its fields, keys and types checked; errors name

@@ -5,9 +5,19 @@ genome as plain data, this mode's candidate kind)."""
 
 from __future__ import annotations
 
-from ..recipe import Recipe
+from ..recipe import Recipe, weight_sparsity
 from .mode import MARKER, METHODS, ExpertsTarget, apply_experts, check_experts, load_experts, save_experts
 from .plan import ExpertPlan
+
+
+def measure(report) -> str:
+    """Experts kept per MoE layer (the budget's unit) and active per token, merges counted."""
+    x = report.extra
+    if "experts_kept" not in x:
+        return weight_sparsity(report)
+    merged = f", {x['merged']} merged into kept ones" if x.get("merged") else ""
+    return f"{x['experts_kept']:g} experts kept per MoE layer, {x.get('active_experts', 0):g} active per token{merged}"
+
 
 RECIPE = Recipe(
     "experts",
@@ -19,4 +29,5 @@ RECIPE = Recipe(
     columns=("experts_kept", "active_experts", "merged"),
     kinds={"expert_plan": ExpertPlan},
     problems=("metric", "experts"),
+    measure=measure,
 )

@@ -6,7 +6,7 @@ the OBS / LSQ refit under a metric's masks)."""
 from __future__ import annotations
 
 from ..candidates import Allocation
-from ..recipe import Recipe
+from ..recipe import Recipe, weight_sparsity
 from .mode import METHODS, METHOD_STATS, apply_unstructured, check_unstructured, leaderboard_targets
 from .target import PruneTarget
 
@@ -20,4 +20,5 @@ RECIPE = Recipe(
     leaderboard_metrics=("magnitude", "wanda", "ria", "pruner-zero", "sparsegpt"),
     kinds={"allocation": Allocation},
     problems=("metric", "allocation", "joint"),
+    measure=weight_sparsity,
 )
