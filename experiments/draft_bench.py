@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 import prunerzero.pruning.modes  # noqa: F401  (registers the reshaped loaders)
 from prunerzero.core.paths import atomic_write_text, cache_dir
 from prunerzero.core.protocol import Protocol
+from prunerzero.fitness.speed import machine
 from prunerzero.generate import calibration_windows, generate
 from prunerzero.jobs import prune_and_save
 from prunerzero.models.corpora import CorpusError, load_tokenized
@@ -33,15 +32,6 @@ from prunerzero.drafting import load_draft
 from prunerzero.models.loading import load_model
 
 DRAFTS = "shortgpt:4,shortgpt:8,shortgpt:8+head:4096,shortgpt:12+head:4096,saved-skip25,lookup:10"
-
-
-def machine() -> str:
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (StopIteration, OSError):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
 def prompts(tokenizer, corpora: list[str], per_corpus: int, length: int) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:

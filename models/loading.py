@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 
 from prunerzero.core.paths import atomic_write_text
 
@@ -104,13 +104,37 @@ def saved_config(path):
 
 def load_saved_weights(model, path, marker: str) -> None:
     """A reshaped directory's tensors into the model its marker shaped, strictly (a missing or
-    mis-shaped tensor is an error naming both files, in one line)."""
+    mis-shaped tensor is an error naming both files, in one line). The model may hold its
+    parameters on the meta device (built empty at the pruned shapes): each tensor is *assigned*,
+    in the model's dtype, so the dense weights never exist in memory."""
     path = Path(path)
+    where = f"{path / 'model.safetensors'} does not fit {path / marker}"
     try:
-        load_safetensors(model, str(path / "model.safetensors"), strict=True)
-    except (OSError, RuntimeError, ValueError) as e:  # torch's size mismatch, safetensors' header errors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ModelLoadError(f"{path / 'model.safetensors'} does not fit {path / marker}: {first}") from None
+        state = load_safetensors_file(str(path / "model.safetensors"))
+    except (OSError, RuntimeError, ValueError) as e:  # safetensors' header errors
+        raise ModelLoadError(f"{where}: {_first_line(e)}") from None
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelLoadError(f"{where}: size mismatch for {k}: the file holds {tuple(state[k].shape)}, "
+                             f"the model {tuple(expected[k].shape)}")
+    state = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ModelLoadError(f"{where}: unexpected tensor(s) {sorted(unexpected)[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # safetensors keeps one copy of shared tensors (the tied output head)
+    now = model.state_dict()
+    loaded = {now[k].data_ptr() for k in state}
+    absent = [k for k in missing if now[k].is_meta or now[k].data_ptr() not in loaded]  # not a tied alias
+    absent += [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in absent]
+    if absent:
+        raise ModelLoadError(f"{where}: missing tensor(s) {absent[:3]}")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _guard_marker(src: str) -> str | None:

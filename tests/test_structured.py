@@ -8,13 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from prunerzero.models.adapter import ModelAdapter
+from prunerzero.models.loading import ModelLoadError
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.interventions import Edits
 from prunerzero.pruning.structured.latency import LatencyTable, attention_options, load_or_measure
 from prunerzero.pruning.modes import ModeError, get_mode
+from prunerzero.pruning.reshaped import load_reshaped
 from prunerzero.pruning.structured.recovery import collect_grams, refit_following
 from prunerzero.pruning.structured.selection import Options, SelectionError, select
 from prunerzero.pruning.structured.mode import apply_plan, load_structured
@@ -165,6 +168,38 @@ def test_a_saved_structured_model_reloads_identical(ctx, tmp_path):
         assert torch.equal(back(ctx.calibration).logits, pruned)
     (tmp_path / "prunerzero_structure.json").write_text("{")
     with pytest.raises(ValueError, match="prunerzero_structure.json is damaged"):
+        load_structured(tmp_path, torch.float32)
+
+
+def test_a_saved_structured_model_loads_at_its_pruned_shapes_without_the_dense_weights(ctx, tmp_path):
+    mode = get_mode("structured")
+    report = mode.apply(ctx, mode.candidate("wanda"), mode.make_target({"latency": 0.4, "width": 32}))
+    mode.save(ctx, report, tmp_path)
+    seen = []
+
+    def rebuild(model, plan, where):  # the mode's own rebuild, watched: it reshapes an empty model
+        seen.append(all(p.is_meta for p in model.parameters()))
+        adapter = ModelAdapter(model)
+        apply_plan(Edits(), adapter, plan)
+
+    back = load_reshaped(tmp_path, torch.bfloat16, "prunerzero_structure.json", lambda doc: doc["plan"], rebuild)
+    assert seen == [True]  # no dense weight was ever allocated
+    assert not any(t.is_meta for t in [*back.parameters(), *back.buffers()])
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}  # assigned in the asked dtype, not the file's
+    assert back.lm_head.weight is back.model.embed_tokens.weight or not back.config.tie_word_embeddings
+    ours = dict(back.named_parameters())
+    for name, p in ctx.model.named_parameters():
+        assert torch.equal(ours[name].float(), p.to(torch.bfloat16).float()), name
+
+
+def test_a_saved_model_missing_a_tensor_is_named(ctx, tmp_path):
+    mode = get_mode("structured")
+    report = mode.apply(ctx, mode.candidate("wanda"), mode.make_target({"latency": 0.4, "width": 32}))
+    mode.save(ctx, report, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    gone = sorted(k for k in tensors if "layers." in k)[0]
+    save_file({k: v for k, v in tensors.items() if k != gone}, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=f"missing tensor.*{gone}"):
         load_structured(tmp_path, torch.float32)
 
 
