@@ -21,6 +21,7 @@ and writes the report (tables, machine, command, medians over repeats) to result
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from prunerzero.primitives.metric import resolve_metric
 from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.reduce import unit_scores
 from prunerzero.pruning.masks import select_mask, zero_masked
+from prunerzero.primitives.stats import collect_stats
 
 from bench_report import machine, median_ms, merge_reports, report  # noqa: E402  (a sibling script)
 
@@ -245,36 +247,39 @@ def _driver_seconds(size: dict, oos_workers: int) -> dict:
 
 # ------------------------------------------------------------------ e: memory
 def peak_memory(spec: EvalSpec) -> dict:
-    """Peak memory of each phase in a fresh process (GPU: max allocated; CPU: max RSS)."""
-    out = {}
-    for phase in ("load", "stats", "evaluator"):
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
-                f"from bench import *; print(bench._phase_peak({phase!r}, {spec!r}))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        if proc.returncode:
-            raise RuntimeError(f"memory phase {phase} failed:\n{proc.stderr[-2000:]}")
-        out[phase] = float(proc.stdout.strip().splitlines()[-1])
-    return out
+    """Peak memory of each phase, in one fresh process (GPU: max allocated; CPU: max RSS)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
+            f"from bench import *; import json; print(json.dumps(bench._phase_peaks({spec!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if proc.returncode:
+        raise RuntimeError(f"memory phases failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _phase_peak(phase: str, spec: EvalSpec) -> float:
-    """MiB at the peak of one phase: loading an evaluator (model, corpus, dense snapshot);
-    collecting W, G, X statistics on it (no cache); one evaluation. CPU: the peak resident set
-    (VmHWM, reset before the phase through /proc/self/clear_refs); GPU: max allocated."""
+def _phase_peaks(spec: EvalSpec) -> dict[str, float]:
+    """MiB at the peak of each phase: loading an evaluator (model, corpus, dense snapshot);
+    collecting W, G, X statistics on it (no cache); one evaluation. The peak is reset before
+    each phase after the first (CPU: VmHWM through /proc/self/clear_refs; GPU: max allocated),
+    so each phase's peak is what it adds to the loaded process, as a fresh process per phase
+    would measure it."""
     gpu = torch.cuda.is_available()
     ev = Evaluator(spec)
-    if phase != "load":
+    out = {"load": _peak_mb(gpu)}
+    for phase in ("stats", "evaluator"):
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         else:
             Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS to the current RSS
         if phase == "stats":
-            from prunerzero.primitives.stats import collect_stats
-
-            collect_stats(ev.model, ev.adapter, ev.calibration, need_g=True)
+            collect_stats(ev.model, ev.adapter, ev.calibration, need_g=True)  # the result is dropped
         else:
             ev.evaluate(resolve_metric("pruner-zero"))
+        out[phase] = _peak_mb(gpu)
+    return out
+
+
+def _peak_mb(gpu: bool) -> float:
     if gpu:
         return torch.cuda.max_memory_allocated() / 2**20
     status = Path("/proc/self/status").read_text()

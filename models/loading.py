@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors_file
 
 from prunerzero.core.paths import atomic_write_text
@@ -111,9 +112,13 @@ def load_saved_weights(model, path, marker: str) -> None:
     where = f"{path / 'model.safetensors'} does not fit {path / marker}"
     try:
         state = load_safetensors_file(str(path / "model.safetensors"))
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            aliases = f.metadata() or {}  # save_model keeps one name of shared tensors: removed -> kept
     except (OSError, RuntimeError, ValueError) as e:  # safetensors' header errors
         raise ModelLoadError(f"{where}: {_first_line(e)}") from None
     expected = model.state_dict()
+    state |= {gone: state[kept] for gone, kept in aliases.items()
+              if gone in expected and gone not in state and kept in state}
     wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]

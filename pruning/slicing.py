@@ -44,9 +44,10 @@ def slice_linear(edits: Edits, linear: nn.Linear, rows: torch.Tensor | None = No
 
 def slice_mlp(edits: Edits, mlp: Mlp, keep: Sequence[int]) -> None:
     """Keep the intermediate channels `keep` of a gated MLP: gate and up rows, down columns."""
-    idx = _index(sorted(keep), mlp.gate.weight.device)
-    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= mlp.width):
+    keep = sorted(int(k) for k in keep)
+    if keep and (keep[0] < 0 or keep[-1] >= mlp.width):  # checked on ints: the weights may be on the meta device
         raise IndexError(f"{mlp.name}: channels out of range [0, {mlp.width})")
+    idx = _index(keep, mlp.gate.weight.device)
     slice_linear(edits, _linear(mlp.module, mlp.gate), rows=idx)
     slice_linear(edits, _linear(mlp.module, mlp.up), rows=idx)
     slice_linear(edits, _linear(mlp.module, mlp.down), cols=idx)

@@ -2,6 +2,8 @@
 sliced into a smaller model whose perplexity the evaluator measures, saved and reloaded by
 every prunerzero command, and the dense model restored."""
 
+import contextlib
+
 import pytest
 
 from prunerzero.core.protocol import Protocol
@@ -29,23 +31,24 @@ def test_structured_pruning_of_the_real_model_saves_and_reloads(evaluator, tmp_p
     ev = evaluator
     dense = ev.measure().perplexity
     params = sum(p.numel() for p in ev.model.parameters())
-    result = ev.evaluate(ev.candidate("wanda"))
-    assert result.status == "ok" and dense < result.value < 50 * dense
-    report = ev.prune("wanda")
+
+    @contextlib.contextmanager
+    def saved(session, report):  # while the model is pruned: the mode saves it
+        session.mode.save(session.ctx, report, tmp_path)
+        session.lm.tokenizer.save_pretrained(tmp_path)
+        yield {}
+
+    trial = ev.trial("wanda", observe=saved)
+    report, pruned = trial.report, trial.perplexity.perplexity
+    assert dense < pruned < 50 * dense
     assert report.extra["predicted_ratio"] <= 0.6 and report.extra["solver_gap"] <= 1e-6
-    kept = sum(p.numel() for p in ev.model.parameters())
-    assert kept < params and report.sparsity > 0
-    pruned = ev.measure().perplexity
-    assert pruned == pytest.approx(result.value, rel=1e-6)
-    ev.mode.save(ev.ctx, report, tmp_path)
-    ev.lm.tokenizer.save_pretrained(tmp_path)
-    ev.restore()
-    assert ev.measure().perplexity == pytest.approx(dense, rel=1e-6)
+    assert trial.params < params and report.sparsity > 0
+    assert ev.measure().perplexity == pytest.approx(dense, rel=1e-6)  # restored
     back = load_model(str(tmp_path))
-    assert sum(p.numel() for p in back.model.parameters()) == kept
+    assert sum(p.numel() for p in back.model.parameters()) == trial.params
     assert perplexity(back.model, ev.windows).perplexity == pytest.approx(pruned, rel=1e-5)
     taylor = ev.evaluate(ev.candidate("taylor"))
-    assert taylor.status == "ok" and dense < taylor.value and taylor.value != result.value  # measured: its own model
+    assert taylor.status == "ok" and dense < taylor.value and taylor.value != pruned  # measured: its own model
 
 
 def test_a_campaign_evolves_the_metric_for_the_structured_mode(evaluator, tmp_path, measured_campaign):

@@ -17,7 +17,7 @@ from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.interventions import Edits
 from prunerzero.pruning.structured.latency import LatencyTable, attention_options, load_or_measure
 from prunerzero.pruning.modes import ModeError, get_mode
-from prunerzero.pruning.reshaped import load_reshaped
+from prunerzero.pruning.reshaped import load_reshaped, save_reshaped
 from prunerzero.pruning.structured.recovery import collect_grams, refit_following
 from prunerzero.pruning.structured.selection import Options, SelectionError, select
 from prunerzero.pruning.structured.mode import apply_plan, load_structured
@@ -172,24 +172,31 @@ def test_a_saved_structured_model_reloads_identical(ctx, tmp_path):
 
 
 def test_a_saved_structured_model_loads_at_its_pruned_shapes_without_the_dense_weights(ctx, tmp_path):
-    mode = get_mode("structured")
-    report = mode.apply(ctx, mode.candidate("wanda"), mode.make_target({"latency": 0.4, "width": 32}))
-    mode.save(ctx, report, tmp_path)
+    structure = ctx.adapter.structure
+    plan = [{"removed": False, "channels": list(range(0, b.mlp.width, 2)),  # every MLP sliced to half
+             "heads": [[h for h in range(b.attention.n_heads) if b.attention.kv_of(h) == kv]
+                       for kv in range(b.attention.n_kv_heads)]} for b in structure.blocks]
+    apply_plan(ctx.edits, ctx.adapter, plan)
+    with torch.no_grad():
+        pruned = ctx.model(ctx.calibration).logits
+    save_reshaped(ctx.model, ctx.model.config, tmp_path, "prunerzero_structure.json", "structured",
+                  {"format": 1, "plan": plan})
+    ctx.edits.restore()
     seen = []
 
     def rebuild(model, plan, where):  # the mode's own rebuild, watched: it reshapes an empty model
         seen.append(all(p.is_meta for p in model.parameters()))
-        adapter = ModelAdapter(model)
-        apply_plan(Edits(), adapter, plan)
+        apply_plan(Edits(), ModelAdapter(model), plan)
 
-    back = load_reshaped(tmp_path, torch.bfloat16, "prunerzero_structure.json", lambda doc: doc["plan"], rebuild)
+    back = load_reshaped(tmp_path, torch.float32, "prunerzero_structure.json", lambda doc: doc["plan"], rebuild)
     assert seen == [True]  # no dense weight was ever allocated
     assert not any(t.is_meta for t in [*back.parameters(), *back.buffers()])
-    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}  # assigned in the asked dtype, not the file's
-    assert back.lm_head.weight is back.model.embed_tokens.weight or not back.config.tie_word_embeddings
-    ours = dict(back.named_parameters())
-    for name, p in ctx.model.named_parameters():
-        assert torch.equal(ours[name].float(), p.to(torch.bfloat16).float()), name
+    assert back.model.layers[0].mlp.up_proj.weight.shape[0] == structure.mlps[0].width // 2
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ctx.calibration).logits, pruned)
+    half = load_reshaped(tmp_path, torch.bfloat16, "prunerzero_structure.json", lambda doc: doc["plan"], rebuild)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # assigned in the asked dtype, not the file's
+    assert half.lm_head.weight is half.model.embed_tokens.weight or not half.config.tie_word_embeddings
 
 
 def test_a_saved_model_missing_a_tensor_is_named(ctx, tmp_path):
