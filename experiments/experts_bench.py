@@ -36,6 +36,7 @@ from pathlib import Path
 from prunerzero import leaderboard
 from prunerzero.core.paths import cache_dir
 from prunerzero.core.protocol import Protocol
+from prunerzero.core.tables import markdown_table
 from prunerzero.evolve.campaign import run_campaign
 from prunerzero.evolve.config import from_dict
 from prunerzero.evolve.problems import make_problem
@@ -238,17 +239,6 @@ def leaderboard_rows(doc: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the report
-def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
-    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for _, key, fmt in cols:
-            v = r.get(key)
-            cells.append("" if v is None or v != v else format(v, fmt) if fmt else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def render(doc: dict) -> str:
     """results/EXPERTS.md from the benchmark's JSON: targets first, then each section's table."""
     a, b, c, d, e = (doc.get(k, []) for k in "abcde")
@@ -264,7 +254,7 @@ def render(doc: dict) -> str:
                   "1024 in 8 routed experts of 128 (co-activation clusters), routers fitted with the base frozen for "
                   "top-2. The top-k is a free knob (routing weights absorbed: the scale does not depend on it); with "
                   "all 8 active and zero routers the MoE is the dense model (tested to float tolerance).", "",
-                  *_table(a, [("model", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                  *markdown_table(a, [("model", "method", ""), ("test perplexity", "perplexity", ".2f"),
                               ("parameters", "params", ",")]), ""]
     if b:
         lines += [f"## b. {KEEP} of 8 experts kept per layer, one shot", "",
@@ -273,14 +263,14 @@ def render(doc: dict) -> str:
                   "into the kept expert its tokens go to next, neurons matched first, weights by routing mass) or "
                   "refit (the kept experts' down projections refit by ridge least squares so each layer's routed "
                   "output on the calibration tokens matches the unpruned layer's).", "",
-                  *_table(b, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                  *markdown_table(b, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
                               ("parameters", "params", ","), ("seconds", "seconds", ".1f")]), ""]
     if c:
         lines += ["## c. EEP search", "",
                   "Both stages ran through the campaign machinery (run directory, JSON checkpoints, fitness cache; "
                   "`prunerzero evolve experiments/smollm2-experts-eep.toml` is the stage-1 configuration); fitness "
                   "is the valid split's perplexity, the table's perplexity the test split's.", "",
-                  *_table(c, [("stage", "method", ""), ("valid (fitness)", "valid", ".2f"),
+                  *markdown_table(c, [("stage", "method", ""), ("valid (fitness)", "valid", ".2f"),
                               ("test perplexity", "perplexity", ".2f"), ("seconds", "seconds", ".0f")]), "",
                   *[f"- {r['method']}: run directory `{r['run_dir']}`" for r in c if "run_dir" in r], ""]
     if d:
@@ -289,14 +279,14 @@ def render(doc: dict) -> str:
                   "greedy decode steps with the KV cache, the four models timed interleaved after a warm-up (medians; "
                   "speedups are the median of each repeat's own ratio to the top-2 MoE). Peak memory: the peak "
                   "resident set of a fresh process that loads the saved model and runs one prefill.", "",
-                  *_table(d, [("model", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                  *markdown_table(d, [("model", "method", ""), ("test perplexity", "perplexity", ".2f"),
                               ("parameters", "params", ","), ("prefill tok/s", "prefill_tokens_per_s", ".0f"),
                               ("prefill speedup", "prefill_speedup", ".3f"),
                               ("decode tok/s", "decode_tokens_per_s", ".1f"), ("decode speedup", "decode_speedup", ".3f"),
                               ("peak MiB", "peak_mb", ".0f"), ("load avg", "load_before", ".1f")]), ""]
     if e:
         lines += ["## e. A discovered expert-importance metric", "",
-                  *_table(e, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
+                  *markdown_table(e, [("method", "method", ""), ("test perplexity", "perplexity", ".2f"),
                               ("formula", "candidate", "")]), ""]
     return "\n".join(lines) + "\n"
 
