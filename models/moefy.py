@@ -21,10 +21,15 @@ SmolLM2-135M (the zoo's dense model) without retraining its weights:
    probability is 1/E: with all E experts active the MoE *is* the dense model (to float
    tolerance: the sum is split into partial sums), and with top-k < E it is the sum of the
    chosen experts — for any top-k, so fewer active experts is a knob, not a rebuild.
-4. For top-k < E the router (the only new weights) is fitted per layer on calibration hidden
-   states with everything else frozen: first by least squares onto each token's centred log
-   expert-output norms (which experts carry this token), then by Adam through the real top-k
-   path on the reconstruction error of the dense MLP's output.
+4. For top-k < E the new weights are fitted (models/moe_fit.py). Version 1: the router (the
+   only new weights) per layer on the dense model's hidden states with everything else frozen:
+   least squares onto each token's centred log expert-output norms (which experts carry this
+   token), then Adam through the real top-k path on the reconstruction error of the dense MLP's
+   output. Version 2 (the default): layer by layer on the MoE's own hidden states (the layers
+   before already converted), the router as in version 1, then the down projections of the
+   shared and routed experts refitted by one ridge least-squares solve given the routing, toward
+   the dense MLP's output on the same input (or the dense model's residual stream: `target`).
+   `Recipe(version=1)` still builds the old model, for comparison (results/MOE.md).
 
 Everything is computed from the dense model and the corpus's train split; the result is saved
 with `save_pretrained` (safetensors + config.json) and loads with `from_pretrained`.
@@ -49,6 +54,7 @@ from prunerzero.core.paths import atomic_write_text
 from .adapter import ModelAdapter
 from .corpora import load_tokenized
 from .loading import load_model
+from .moe_fit import TARGETS, fit_router, fit_sequential, relative_error, routed  # noqa: F401 (fit_router, routed: this module's API)
 from .zoo import sha256_file
 
 
@@ -69,18 +75,34 @@ class Recipe:
     router_steps: int = 150  # Adam steps per layer through the real top-k path
     router_lr: float = 3e-3
     seed: int = 0
-    version: int = 1  # bump when the algorithm changes
+    version: int = 1  # 1: routers teacher-forced per layer; 2: routers and down projections fitted sequentially
+    # version 2 only (models/moe_fit.py): the sequential fit on the MoE's own hidden states
+    fit_windows: int = 16  # train-split windows of the sequential fit (the first calib_windows: the same draw)
+    refit_ridge: float = 1e-3  # ridge of the down projections' least squares (< 0: no refit, routers only)
+    rounds: int = 1  # down-projection refits, each after the first preceded by a router refinement
+    target: str = "mlp"  # what each layer is fitted to: the dense MLP on the MoE's input, or the dense "stream"
 
     def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise MoefyError(f"unknown recipe version {self.version}: use one of {VERSIONS}")
         if self.experts < 2:
             raise MoefyError(f"MoEfication needs at least 2 experts, got {self.experts}")
         if not 1 <= self.top_k <= self.experts:
             raise MoefyError(f"top_k {self.top_k} must be in [1, experts={self.experts}]")
+        if self.target not in TARGETS:
+            raise MoefyError(f"unknown fit target {self.target!r}: use one of {TARGETS}")
         if self.shared < 0:
             raise MoefyError(f"shared {self.shared} must be >= 0 neurons")
 
     def describe(self) -> dict:
-        return asdict(self)
+        """The identity of the derived model; version 1 without the later fields, so a model
+        built before they existed still verifies."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k not in V2_FIELDS} if self.version == 1 else d
+
+
+VERSIONS = (1, 2)
+V2_FIELDS = ("fit_windows", "refit_ridge", "rounds", "target")
 
 
 # ------------------------------------------------------------------ calibration
@@ -223,46 +245,6 @@ def expert_outputs(mlp, x: torch.Tensor, groups: list[torch.Tensor]) -> torch.Te
     return torch.stack([a[:, i] @ down[:, i].T for i in groups], dim=1)
 
 
-def routed(logits: torch.Tensor, outputs: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The routed experts' output as Qwen2-MoE computes it (norm_topk_prob false): the top-k
-    softmax probabilities times the experts, whose absorbed scale is E."""
-    probs = logits.float().softmax(-1)
-    val, idx = probs.topk(top_k, dim=-1)
-    picked = outputs.gather(1, idx[..., None].expand(-1, -1, outputs.shape[-1]))
-    return outputs.shape[1] * (val[..., None] * picked).sum(1)
-
-
-def relative_error(out: torch.Tensor, target: torch.Tensor, whole: torch.Tensor | None = None) -> float:
-    """‖out − target‖² / ‖whole‖² (whole: the dense MLP's output; default the target)."""
-    whole = target if whole is None else whole
-    return float((out - target).square().sum() / whole.square().sum().clamp_min(1e-30))
-
-
-def fit_router(x: torch.Tensor, outputs: torch.Tensor, top_k: int, steps: int, lr: float) -> torch.Tensor:
-    """A router (E, H) for one layer, everything else frozen: least squares onto each token's
-    centred log expert-output norms (which experts carry this token), scaled down so that the
-    probabilities start near 1/E (the chosen experts' plain sum), then Adam through the real
-    top-k path on the reconstruction error of the routed part of the dense output."""
-    target = outputs.sum(1)
-    scores = outputs.norm(dim=-1).clamp_min(1e-12).log()
-    scores = scores - scores.mean(-1, keepdim=True)
-    w = torch.linalg.lstsq(x, scores).solution.T.contiguous()  # (E, H)
-    w = w * (0.1 / (x @ w.T).std().clamp_min(1e-12))  # same order of experts, nearly uniform probabilities
-    if top_k == outputs.shape[1] or steps == 0:
-        return w
-    w.requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
-    best, best_err = w.detach().clone(), relative_error(routed(x @ w.detach().T, outputs, top_k), target)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (routed(x @ w.T, outputs, top_k) - target).square().sum() / target.square().sum()
-        loss.backward()
-        opt.step()
-        if float(loss.detach()) < best_err:
-            best, best_err = w.detach().clone(), float(loss.detach())
-    return best
-
-
 @torch.no_grad()
 def install_routers(moe: nn.Module, mlps, splits: list[Split], xs: list[torch.Tensor], recipe: Recipe,
                     log=lambda msg: None) -> list[float]:
@@ -281,20 +263,30 @@ def install_routers(moe: nn.Module, mlps, splits: list[Split], xs: list[torch.Te
 
 
 # ------------------------------------------------------------------ the whole recipe
-def moefy(dense: nn.Module, windows: torch.Tensor, recipe: Recipe, log=lambda msg: None):
-    """(MoE model, each MLP's Split, per-layer relative MLP error) derived from `dense` on
-    calibration `windows`."""
+def moefy(dense: nn.Module, windows: torch.Tensor, recipe: Recipe, log=lambda msg: None,
+          fit_windows: torch.Tensor | None = None, splits: list[Split] | None = None):
+    """(MoE model, each MLP's Split, per-layer relative MLP error) derived from `dense`: the
+    neurons split on calibration `windows` (or the given `splits`), then the routers fitted
+    (version 1: on the dense model's MLP inputs) or routers and down projections (version 2:
+    sequentially on the MoE's own, over `fit_windows`, default `windows`)."""
     mlps = ModelAdapter(dense).structure.mlps
     if not mlps:
         raise MoefyError("the model has no dense gated MLP to split into experts")
     torch.manual_seed(recipe.seed)
-    xs = capture_mlp_inputs(dense, mlps, windows)
-    splits = [split_neurons(activations(m, x), recipe.experts, recipe.shared, recipe.cluster_iters,
-                            recipe.seed + m.block) for m, x in zip(mlps, xs)]
+    xs = capture_mlp_inputs(dense, mlps, windows) if splits is None or recipe.version == 1 else None
+    if splits is None:
+        splits = [split_neurons(activations(m, x), recipe.experts, recipe.shared, recipe.cluster_iters,
+                                recipe.seed + m.block) for m, x in zip(mlps, xs)]
     log(f"split {len(mlps)} MLPs of {mlps[0].width} neurons: {recipe.shared} shared, "
         f"{recipe.experts} routed experts of {len(splits[0].experts[0])}")
     moe = moe_from_dense(dense, splits, recipe)
-    errors = install_routers(moe, mlps, splits, xs, recipe, log) if recipe.top_k < recipe.experts else []
+    if recipe.top_k == recipe.experts:
+        return moe, splits, []
+    if recipe.version == 1:
+        return moe, splits, install_routers(moe, mlps, splits, xs, recipe, log)
+    errors = fit_sequential(moe, dense, windows if fit_windows is None else fit_windows, recipe.top_k,
+                            recipe.router_steps, recipe.router_lr, recipe.refit_ridge, recipe.rounds,
+                            recipe.target, log=log)
     return moe, splits, errors
 
 
@@ -314,8 +306,8 @@ def build(out: Path, base: str = "smollm2-135m", corpus: str = "austen", recipe:
     weights) into `out`, atomically (a directory renamed into place)."""
     t0 = time.perf_counter()
     dense = load_model(base, device="cpu", dtype="float32")
-    windows = load_tokenized(corpus, dense.tokenizer).calibration(recipe.calib_windows, recipe.seq_len, recipe.seed)
-    moe, splits, errors = moefy(dense.model, windows, recipe, log)
+    windows, fit_windows = calibration(dense.tokenizer, corpus, recipe)
+    moe, splits, errors = moefy(dense.model, windows, recipe, log, fit_windows)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     moe.save_pretrained(tmp)
@@ -331,6 +323,15 @@ def build(out: Path, base: str = "smollm2-135m", corpus: str = "austen", recipe:
     log(f"derived {out.name} from {base} in {doc['seconds']}s (mean relative MLP error of the routers "
         f"{mean(errors):.3f})")
     return out
+
+
+def calibration(tokenizer, corpus: str, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(clustering windows, the sequential fit's windows or None: the same) from `corpus`'s train split."""
+    tokens = load_tokenized(corpus, tokenizer)
+    windows = tokens.calibration(recipe.calib_windows, recipe.seq_len, recipe.seed)
+    if recipe.version == 1 or recipe.fit_windows == recipe.calib_windows:
+        return windows, None
+    return windows, tokens.calibration(recipe.fit_windows, recipe.seq_len, recipe.seed)
 
 
 def _stamp(path: Path) -> dict:

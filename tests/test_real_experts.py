@@ -1,6 +1,6 @@
 """The experts mode on the real-weight derived MoE (smollm2-135m-moe, built by the install command
-or on first use): its experts are exactly the dense model's neurons (with every expert active and
-a zero router it is the dense model), and pruning half its experts gives a smaller model whose
+or on first use): its experts are the dense model's neurons (down projections refitted by recipe
+version 2; with the dense weights, every expert active and a zero router it is the dense model), and pruning half its experts gives a smaller model whose
 perplexity the evaluator measures, saved and reloaded as a plain transformers checkpoint."""
 
 import json
@@ -26,8 +26,10 @@ def test_the_derived_moe_is_the_dense_model_split_into_experts():
     recipe = moefy.Recipe(**doc["recipe"])
     splits = [moefy.Split.from_data(s) for s in doc["splits"]]
     every = moefy.moe_from_dense(dense, splits, recipe, top_k=recipe.experts)  # zero routers, all 8 active
-    shipped = {k: v for k, v in moe.state_dict().items() if not k.endswith("mlp.gate.weight")}
-    assert all(torch.equal(v, every.state_dict()[k]) for k, v in shipped.items())  # only the routers were fitted
+    # version 1 fitted the routers alone; version 2 the routers and the experts' down projections
+    fitted = ("mlp.gate.weight",) + (("down_proj", "down_proj.weight") if recipe.version >= 2 else ())
+    shipped = {k: v for k, v in moe.state_dict().items() if not k.endswith(fitted)}
+    assert all(torch.equal(v, every.state_dict()[k]) for k, v in shipped.items())  # the rest: the dense weights
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(every(ids).logits, dense(ids).logits, atol=1e-3)
     assert moe.config.num_experts == 8 and moe.config.num_experts_per_tok == recipe.top_k == 2
