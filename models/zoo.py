@@ -72,16 +72,9 @@ ZOO = {
         ZooEntry(
             "smollm2-135m-moe", "", "",
             "smollm2-135m MoEfied (models/moefy.py), Qwen2-MoE family: each MLP's 512 most active neurons a "
-            "shared expert, the rest 8 routed experts of 128 (co-activation clusters); top-2 routers and the "
-            "experts' down projections fitted layer by layer on the MoE's own hidden states against the dense "
-            "model on austen's train split (recipe version 2); derived here on first use (minutes on 2 CPU cores)",
+            "shared expert, the rest 8 routed experts of 128 (co-activation clusters), top-2 routers fitted on "
+            "austen's train split (recipe version 1); derived here on first use (~2-6 min on 2 CPU cores)",
             derive="moefy",
-        ),
-        ZooEntry(
-            "smollm2-135m-moe-v1", "", "",
-            "smollm2-135m-moe as derived before recipe version 2 (routers alone, fitted per layer on the dense "
-            "model's hidden states), kept for comparison (results/MOE.md); derived on first use",
-            derive="moefy_v1",
         ),
     ]
 }

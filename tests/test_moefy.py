@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunerzero.core.integrity import CorruptCache
-from prunerzero.models import moe_fit, moefy, moefy_v1, zoo
+from prunerzero.models import moe_fit, moefy, zoo
 from prunerzero.models.adapter import ModelAdapter
 
 RECIPE = moefy.Recipe(experts=4, shared=32, top_k=2, cluster_iters=4, router_steps=40, version=2)
@@ -136,16 +136,15 @@ def test_the_sequential_fit_brings_the_moe_closer_to_the_dense_model(tiny_llama)
     assert max(errors) < 0.05  # the refit's own layer error
 
 
-def test_a_model_of_version_1_is_kept_under_its_own_name(tmp_path):
+def test_a_model_of_version_1_is_no_model_of_version_2(tmp_path):
     out = tmp_path / "moe"
     out.mkdir()
     (out / moefy.WEIGHTS).write_bytes(b"weights")
     doc = {"recipe": V1_IDENTITY, "sha256": zoo.sha256_file(out / moefy.WEIGHTS)}
     (out / moefy.MANIFEST).write_text(json.dumps(doc))
-    moefy_v1.verify(out)  # a model cached before version 2 is the v1 zoo model
+    moefy.verify(out, moefy.Recipe(version=1))  # a model cached before version 2 still verifies
     with pytest.raises(CorruptCache, match="built by another recipe"):
-        moefy.verify(out, moefy.Recipe(version=2))  # ... and not a version 2 model: the recipe is its identity
-    assert zoo.ZOO["smollm2-135m-moe-v1"].derive == "moefy_v1"
+        moefy.verify(out, moefy.Recipe(version=2))  # the recipe is its identity: a change rebuilds it
 
 
 def test_an_unknown_version_is_named():
