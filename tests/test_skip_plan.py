@@ -3,17 +3,19 @@ plan removes exactly its sublayers and restores bit-identically, travels as data
 refuses plans off the model, the scope or the budget; the GA keeps the count, starts from the
 hand-made plans, and a search through the real engine and mode never ends worse than its seeds."""
 
+import json
 import random
 
 import pytest
 import torch
 
-from prunerzero.evolve.config import SearchConfig
+from prunerzero.evolve.config import SearchConfig, from_dict
 from prunerzero.evolve.engine import Engine
 from prunerzero.evolve.evaluation import Measured
+from prunerzero.evolve.export import ExportError, export_run
 from prunerzero.evolve.skip_problem import SkipPlanOptions, SkipPlanProblem
 from prunerzero.fitness.evaluator import FitnessResult
-from prunerzero.pruning.candidates import CandidateError, Method, decode
+from prunerzero.pruning.candidates import CandidateError, Method, decode, read_candidate_file
 from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.skip.mode import ranked, removed_count
 from prunerzero.pruning.skip.plan import SkipPlan
@@ -153,3 +155,22 @@ def test_a_search_on_a_tiny_model_is_never_worse_than_its_seeds():
         engine.step()
     best = engine.hof[0]
     assert best.fitness.values[1] <= best_seed and sum(best) == 2
+
+
+def test_a_skip_plan_campaigns_winner_exports_as_a_candidate_file_and_a_bad_key_writes_nothing(tmp_path):
+    config = from_dict({"name": "s", "eval": {"model": "smollm2-135m", "mode": "skip"}, "target": {"ratio": 0.25},
+                        "protocol": {"seq_len": 64, "calib_windows": 1, "eval_windows": 1},
+                        "search": {"problem": "skip_plan"}})
+    run = tmp_path / "s-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    header = "rank,fitness,windows,formula,key,generation,removed\n"
+    (run / "hall_of_fame.csv").write_text(header + '1,1.5,4,"skip[3a,12m]","skip[3a,12m]",2,x\n')
+    (path,) = export_run(run, top=1, out_dir=tmp_path / "out")
+    plan = read_candidate_file(path)
+    assert plan == SkipPlan(((3, "attention"), (12, "mlp"))) and path.name == "s-run-1.json"
+    assert "skip" in json.loads(path.read_text())["provenance"]["target"]
+    (run / "hall_of_fame.csv").write_text(header + '1,1.5,4,"x","skip[3a,../m]",2,x\n')
+    with pytest.raises(ExportError, match="not a skip plan key"):
+        export_run(run, top=1, out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
