@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     cache = FitnessCache()
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    data |= {"run": str(args.run), "command": f"python experiments/skip_search_bench.py --run {args.run}"}
+    data |= {"run": str(args.run), "command": "python experiments/skip_search_bench.py " + " ".join(argv or sys.argv[1:])}
     t0 = time.time()
     best, selection = select(hall_of_fame(args.run, args.top), args.ratio, cache, log)
     winner = hall_of_fame(args.run, args.top)[best]

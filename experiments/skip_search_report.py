@@ -63,7 +63,8 @@ def campaign_section(run: Path) -> list[str]:
 
 def bench_section(bench: dict) -> list[str]:
     sel = bench["selection"]
-    out = ["## 3. The winner against the hand-made rankings", "", f"Command: `{bench['command']}`.", "",
+    out = ["## 3. The winner against the hand-made rankings", "",
+           f"Command (the last run; every run's under \"Commands as run\"): `{bench['command']}`.", "",
            f"Winner chosen on the valid split ({sel['protocol']}) among the hall of fame: "
            f"**{sel['winner']}** `{sel['plan']}`.", "", "| hall of fame | valid ppl 16x512 |", "|---|---:|"]
     for name, (value, _) in sorted(sel["valid"].items(), key=lambda kv: kv[1][0]):
