@@ -1,5 +1,6 @@
 """Export a campaign's best metrics as standalone modules (`results/metrics/<id>.py`), and the
-best allocations of an allocation or joint campaign as candidate files (`<id>.json`).
+best allocations of an allocation or joint campaign and the best removal sets of a skip_plan
+campaign as candidate files (`<id>.json`).
 
 Each module imports nothing but torch, defines `metric(W, G, X)` and `EXPRESSION`, and carries
 the formula and its provenance in the docstring; `resolve_metric("<id>.py:metric")` loads it
@@ -29,6 +30,7 @@ from pathlib import Path
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.primitives.metric import Metric
 from prunerzero.pruning.candidates import Allocation, key_sparsities
+from prunerzero.pruning.skip.plan import SkipPlan
 
 from .config import from_dict
 
@@ -114,7 +116,7 @@ def export_run(run_dir: str | Path, top: int = 5, out_dir: str | Path = "results
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = from_dict(json.loads((run_dir / "config.json").read_text())) if (run_dir / "config.json").is_file() else None
     problem = config.search.problem if config is not None else "metric"
-    if problem not in ("metric", "allocation", "joint"):
+    if problem not in ("metric", "allocation", "joint", "skip_plan"):
         raise ValueError(f"{run_dir} evolved {problem!r} candidates, not metrics or allocations: its hall of fame "
                          "(hall_of_fame.csv) is the result; there is nothing to export")
     name = _run_name(run_dir)
@@ -134,6 +136,9 @@ def _files(run_dir: Path, name: str, problem: str, config, row: dict) -> list[tu
     origin = provenance(run_dir, row)
     out = []
     try:
+        if problem == "skip_plan":  # a removal set: a candidate file, nothing to run
+            data = {**SkipPlan.from_key(row["key"]).to_data(), "provenance": origin}
+            return [(f"{metric_id}.json", json.dumps(data, indent=1) + "\n")]
         if problem != "allocation":
             out.append((f"{metric_id}.py", Metric.from_expression(tree, name=metric_id).source(origin)))
         if problem != "metric":

@@ -8,6 +8,8 @@
   evolve/joint_problem.py).
 - `experts`: GA over each MoE layer's kept experts, then merge coefficients (EEP; mode
   "experts"; evolve/experts_problem.py).
+- `skip_plan`: GA over the skip mode's static removal sets, seeded with the hand-made rankings'
+  choices (mode "skip"; evolve/skip_problem.py).
 
 Which problems a mode accepts is its recipe's `problems` (pruning/recipe.py), checked with the
 campaign config (`check_problem`).
@@ -19,14 +21,20 @@ To add a problem: a class with the engine's interface (`toolbox`, `seeds`, `prep
 
 from __future__ import annotations
 
+import dataclasses
+
+from prunerzero.fitness.evaluator import Evaluator
 from prunerzero.models.loading import count_blocks, model_source, saved_config
 from prunerzero.models.structure import expert_count_attrs
+from prunerzero.pruning.candidates import Method
 from prunerzero.pruning.modes import get_mode
+from prunerzero.pruning.skip.mode import ranked, removed_count
 
 from .experts_problem import ExpertsProblem
 from .genome import AllocationProblem
 from .joint_problem import JointProblem
 from .problem import MetricProblem
+from .skip_problem import SkipPlanProblem
 
 TOY_BLOCKS = 4  # the toy evaluator's "blocks" (row groups of its one layer)
 
@@ -69,6 +77,23 @@ def _experts(config):
     return ExpertsProblem(config.search, opts, counts, experts)
 
 
+def _skip_plan(config):
+    """The removal-set GA; the driver loads the model once for the seeds' and order's rankings (on
+    the calibration `problem.seq_len` x `problem.calib_windows` names: the full protocol's, so the
+    seeds are the hand-made baselines' own plans; removal losses are cached on disk)."""
+    opts = SkipPlanProblem.parse(config.problem)
+    spec = config.eval_spec()
+    target = spec.prune_target()
+    if target.budget != "modules":
+        raise ValueError("search.problem 'skip_plan' removes a count of sublayers: it needs target.budget 'modules'")
+    sizes = {k: v for k in ("seq_len", "calib_windows") if (v := getattr(opts, k))}
+    ev = Evaluator(dataclasses.replace(spec, protocol=spec.protocol.with_(**sizes), fitness="perplexity"))
+    order, _ = ranked(ev.ctx, Method(opts.order), target)
+    seeds = [ranked(ev.ctx, Method(name.strip()), target)[1] for name in opts.seeds.split(",") if name.strip()]
+    names = sorted(order)
+    return SkipPlanProblem(config.search, opts, names, removed_count(len(names), target.ratio), order, seeds)
+
+
 def moe_shape(model: str) -> tuple[int, int]:
     """(MoE layers, routed experts per layer) from a model's config alone (no weights loaded)."""
     config = saved_config(model_source(model))  # a directory a mode saved keeps its real config apart
@@ -89,7 +114,8 @@ def block_count(model: str) -> int:
     return count_blocks(model)
 
 
-PROBLEMS = {"metric": _metric, "allocation": _allocation, "joint": _joint, "experts": _experts}
+PROBLEMS = {"metric": _metric, "allocation": _allocation, "joint": _joint, "experts": _experts,
+            "skip_plan": _skip_plan}
 
 
 def check_problem(problem: str, mode: str) -> None:

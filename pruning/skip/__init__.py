@@ -6,7 +6,7 @@ sublayers), routers.py (router training, the verified cache), lora.py (the optio
 from __future__ import annotations
 
 from ..recipe import Recipe, weight_sparsity
-from .mode import MARKER, METHODS, SkipTarget, apply_skip, check_skip, load_skip, save_skip
+from .mode import MARKER, METHODS, SkipPlan, SkipTarget, apply_skip, check_skip, load_skip, save_skip
 
 
 def measure(report) -> str:
@@ -26,7 +26,7 @@ RECIPE = Recipe(
     "static sublayer removal by ShortGPT influence, removal loss or a metric",
     SkipTarget, apply_skip, methods=METHODS, writes_weights=True,
     check=check_skip, save=save_skip, reshaped=(MARKER, load_skip), default="router",
-    options=("ratio",), sweep="ratio",
+    options=("ratio",), sweep="ratio", kinds={"skip_plan": SkipPlan}, problems=("metric", "skip_plan"),
     leaderboard_metrics=("router", "shortgpt", "removal", "wanda"),
     columns=("skip_ratio", "flops_skip_ratio", "attention_skip_ratio", "mlp_skip_ratio", "threshold",
              "router_train_seconds"),

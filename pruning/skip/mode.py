@@ -9,7 +9,9 @@ Candidates:
   (1 − cos of its input and output, ShortGPT's measure per sublayer) removed for every token;
 - method `removal`: the sublayers whose removal alone costs the least calibration loss removed;
 - any metric: sublayers ranked by the metric's weight scores reduced over each sublayer (`reducer`),
-  the lowest removed — so a campaign in this mode evolves the metric that ranks sublayers.
+  the lowest removed — so a campaign in this mode evolves the metric that ranks sublayers;
+- a `SkipPlan` (plan.py): the removed sublayers named explicitly — what the removal-set search
+  (`[search] problem = "skip_plan"`, evolve/skip_problem.py) evolves.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..removal import remove_sublayer
 from ..report import PruneReport
 from ..reshaped import load_reshaped, save_reshaped
 from .lora import apply_deltas
+from .plan import SkipPlan
 from .routers import (BUDGETS, RouterError, RouterSet, TrainConfig, Training, default_bias, load_or_train, routed,
                       sublayer_costs)
 from .skipping import EXECUTIONS, Router, calibrate_threshold, install, skip_counts
@@ -125,6 +128,35 @@ def static_plan(imp: np.ndarray, target: SkipTarget, costs: dict | None = None) 
     return sorted(chosen)
 
 
+def ranked(ctx, candidate, target: SkipTarget) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(in-scope sublayers from least to most important, the plan the target removes) under a ranking."""
+    imp = importance(ctx, candidate, target)
+    names = [(s.block, s.kind) for s in routed(ctx.structure, target.kinds)]
+    values = [imp[b, 0 if kind == "attention" else 1] for b, kind in names]
+    order = [names[i] for i in np.argsort(values, kind="stable")]
+    return order, static_plan(imp, target, costs_of(ctx, target))
+
+
+def removed_count(sublayers: int, ratio: float) -> int:
+    """How many of `sublayers` unit-cost sublayers `static_plan` removes at `ratio` (its rounding)."""
+    return min(sublayers, max(0, math.floor(ratio * sublayers - 0.5) + 1))
+
+
+def given_plan(ctx, plan: SkipPlan, target: SkipTarget) -> list[tuple[int, str]]:
+    """A SkipPlan's sublayers, checked: each in the model and the target's scope, and (a modules
+    budget) exactly as many as the target's ratio removes, so plans compare at one budget."""
+    scope = {(s.block, s.kind) for s in routed(ctx.structure, target.kinds)}
+    stray = [k for k in plan.removed if k not in scope]
+    if stray:
+        raise ValueError(f"skip plan: {stray[:3]} are not {target.modules} sublayers of this model "
+                         f"({len(ctx.structure.blocks)} blocks)")
+    want = removed_count(len(scope), target.ratio)
+    if target.budget == "modules" and len(plan.removed) != want:
+        raise ValueError(f"skip plan removes {len(plan.removed)} sublayers; ratio {target.ratio:g} of "
+                         f"{len(scope)} removes {want}")
+    return list(plan.removed)
+
+
 def costs_of(ctx, target: SkipTarget, budget: str | None = None) -> dict[tuple[int, str], float]:
     """What skipping a token saves in each routed sublayer, in the budget's unit (or `budget`'s)."""
     subs = routed(ctx.structure, target.kinds)
@@ -200,8 +232,11 @@ def _routed(ctx, candidate, target: SkipTarget, report: PruneReport) -> dict:
 
 
 def _static(ctx, candidate, target: SkipTarget, report: PruneReport) -> dict:
-    """The least important sublayers (a static ranking or a metric's) removed for every token."""
-    plan = static_plan(importance(ctx, candidate, target), target, costs_of(ctx, target))
+    """The least important sublayers (a static ranking or a metric's), or a plan's, removed for every token."""
+    if isinstance(candidate, SkipPlan):
+        plan = given_plan(ctx, candidate, target)
+    else:
+        plan = static_plan(importance(ctx, candidate, target), target, costs_of(ctx, target))
     by_name = {(s.block, s.kind): s for b in ctx.structure.blocks for s in b.sublayers}
     for key in plan:
         remove_sublayer(ctx.edits, by_name[key])
