@@ -110,7 +110,8 @@ def test_leaderboard_rows_append_without_duplicates(tmp_path):
 def test_a_trial_measures_what_evaluate_measures_and_leaves_the_dense_model(evaluator, results):
     dense, pruned = results
     trial = evaluator.trial("wanda", keep=True)
-    assert trial.perplexity.perplexity == pruned["wanda"].perplexity  # the same windows, the same forward
+    # the same windows and model; the fitness measure batches its own forwards (float rounding apart)
+    assert trial.perplexity.perplexity == pytest.approx(pruned["wanda"].perplexity, rel=1e-4)
     assert trial.report.sparsity == pytest.approx(0.5, abs=1e-3)
     assert trial.params == sum(p.numel() for p in evaluator.model.parameters())  # masks remove no parameter
     zeros = sum(int((m.weight == 0).sum()) for m in trial.pruned.modules() if isinstance(m, torch.nn.Linear))
