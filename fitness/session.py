@@ -153,10 +153,8 @@ class Session:
         try:
             report = self.prune(candidate, target)
             seconds = time.perf_counter() - t0
-            observed: dict = {}
-            with observe(self, report) if observe else contextlib.nullcontext(observed) as seen:
+            with observe(self, report) if observe else contextlib.nullcontext({}) as observed:
                 ppl = self.measure()
-            observed = seen
             params = count_params(self.model)
             pruned = copy.deepcopy(self.model) if keep or speed else None
         finally:
