@@ -109,18 +109,24 @@ def ray_scaling(spec: EvalSpec, max_workers: int, jobs_per_worker: int, gpu: boo
 
     from prunerzero.evolve.campaign import evaluator_factory
 
+    # one Ray and every evaluator started once (loading is not what is timed): the first n of
+    # them, warm, evaluate n * jobs_per_worker candidates
+    backend = RayBackend(evaluator_factory(spec), workers=max_workers, cpus_per_worker=1.0,
+                         gpus_per_worker=(1.0 / max_workers if gpu else 0.0), retries=1, timeout_s=0.0, address="",
+                         dashboard=False)
+    every = backend.actors
+    backend.map([Job(f"warm-{i}", resolve_metric(RAY_METRICS[i % len(RAY_METRICS)]).formula)
+                 for i in range(max_workers)])  # warm-up: one evaluation on each evaluator
     rows = []
     for n in range(1, max_workers + 1):
-        backend = RayBackend(evaluator_factory(spec), workers=n, cpus_per_worker=1.0,
-                             gpus_per_worker=(1.0 / n if gpu else 0.0), retries=1, timeout_s=0.0, address="",
-                             dashboard=False)
+        backend.actors = every[:n]
         jobs = [Job(f"bench-{i}", resolve_metric(RAY_METRICS[i % len(RAY_METRICS)]).formula)
                 for i in range(n * jobs_per_worker)]
-        backend.map(jobs[:n])  # warm-up: every actor loads the model and statistics
         t, results = timed(lambda: backend.map(jobs))
-        backend.close()
         rows.append({"workers": n, "evaluations": len(jobs), "seconds": t, "evals_per_s": len(jobs) / t,
                      "failed": sum(r.status != "ok" for r in results)})
+    backend.actors = every
+    backend.close()
     ray.shutdown()
     base = rows[0]["evals_per_s"]
     for r in rows:

@@ -7,6 +7,22 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prunerzero.core.protocol import Protocol
+
+# The real-model files' protocol: one calibration draw (austen train, 2 x 128 tokens), so its W, G, X
+# statistics are collected once per machine and read from the cache by every file after the first.
+REAL = Protocol(seq_len=128, calib_windows=2, eval_windows=2)
+
+# The slowest files first (measured with --durations=0 on 2 cores): xdist's loadfile hands a worker
+# the next whole file when it frees up, so long files started last would leave the other idle.
+SLOWEST_FIRST = ("test_bench.py", "test_real_structured.py", "test_real_model.py", "test_real_skip.py",
+                 "test_pool.py", "test_untrusted_cluster.py", "test_real_modes.py", "test_real_attention.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
+
 
 def _share_the_cores() -> None:
     """Each xdist worker's torch (and the processes it starts) gets its share of the cores:

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
+from conftest import REAL
 
 pytestmark = pytest.mark.real
 
-SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=4)  # the statistics of test_real_model: cached
+SMALL = REAL  # conftest.REAL: one calibration draw for every real-model file
 
 
 def test_attention_mode_on_smollm2_prunes_qk_exactly_and_lowers_the_attention_error():

@@ -8,15 +8,15 @@ from typer.testing import CliRunner
 
 import prunerzero.pruning.modes  # noqa: F401  (registers the reshaped loaders)
 from prunerzero.cli_generate import register
-from prunerzero.core.protocol import Protocol
 from prunerzero.generate import calibration_windows, generate
 from prunerzero.jobs import prune_and_save
 from prunerzero.models.corpora import load_tokenized
 from prunerzero.drafting import layer_view, load_draft, shares_weights, shortgpt_keep
 from prunerzero.models.loading import load_model
+from conftest import REAL
 
 pytestmark = pytest.mark.real
-SMALL = Protocol(seq_len=128, calib_windows=4, eval_windows=2)
+SMALL = REAL  # conftest.REAL: one calibration draw for every real-model file
 NEW = 16
 
 

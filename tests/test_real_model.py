@@ -12,12 +12,12 @@ from prunerzero.fitness.perplexity import perplexity
 from prunerzero.jobs import leaderboard_rows, prune_and_save
 from prunerzero.leaderboard import IDENTITY, append, read
 from prunerzero.primitives.metric import resolve_metric
-from prunerzero.core.protocol import Protocol
 from prunerzero.pruning.unstructured.target import PruneTarget
+from conftest import REAL
 
 pytestmark = pytest.mark.real
 
-SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=6)
+SMALL = REAL  # conftest.REAL: one calibration draw for every real-model file
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ def test_saved_pruned_model_reloads_with_same_perplexity_and_zeros(evaluator, tm
                              protocol=SMALL, measure=True, log=lines.append)
     # one line per step, no raw data structures; the perplexity names the tokens it was measured on
     assert all("\n" not in ln and "{" not in ln for ln in lines)
-    assert lines[0] == "measuring the dense perplexity on 6 test windows x 128 tokens"
-    assert lines[-1].endswith(f"on {6 * 127} test tokens; saved to {tmp_path / 'pruned'}")
+    assert lines[0] == f"measuring the dense perplexity on {SMALL.eval_windows} test windows x 128 tokens"
+    assert lines[-1].endswith(f"on {SMALL.eval_windows * 127} test tokens; saved to {tmp_path / 'pruned'}")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
     again = perplexity(reloaded, evaluator.windows).perplexity
     assert again == pytest.approx(summary["perplexity"], rel=1e-5)
@@ -94,7 +94,7 @@ def test_saved_pruned_model_reloads_with_same_perplexity_and_zeros(evaluator, tm
 
 
 def test_leaderboard_rows_append_without_duplicates(tmp_path):
-    tiny = SMALL.with_(eval_windows=2)  # same calibration as the fixture: statistics come from the cache
+    tiny = SMALL.with_(eval_windows=1)  # same calibration as the fixture: statistics come from the cache
     csv = tmp_path / "lb.csv"
     rows = leaderboard_rows("smollm2-135m", "austen", ["magnitude", "wanda"], [0.5], ["unstructured", "2:4"],
                             protocol=tiny, log=lambda m: None)

@@ -3,15 +3,15 @@ that prune the same weights are one phenotype; KL fitness ranks like perplexity.
 
 import pytest
 
-from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.pruning.candidates import Allocation, MaskSet
 from prunerzero.pruning.masks import select_mask
 from prunerzero.pruning.reduce import unit_scores
+from conftest import REAL
 
 pytestmark = pytest.mark.real
 
-SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=4)  # the statistics of test_real_model: cached
+SMALL = REAL  # conftest.REAL: one calibration draw for every real-model file
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ ranks sublayers."""
 import pytest
 import torch
 
-from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.fitness.perplexity import perplexity
 from prunerzero.models.loading import load_model
 from prunerzero.pruning.skip.skipping import skip_counts
+from conftest import REAL
 
 pytestmark = pytest.mark.real
 
-SMALL = Protocol(seq_len=128, calib_windows=4, eval_windows=4)
+SMALL = REAL  # conftest.REAL: one calibration draw for every real-model file
 QUICK = {"ratio": 0.25, "steps": 3, "batch": 1, "seq_len": 64, "router_init": "none"}
 
 
@@ -66,7 +66,8 @@ def test_a_campaign_evolves_the_metric_that_ranks_sublayers(evaluator, tmp_path,
     config = from_dict({
         "name": "skip", "runs_dir": str(tmp_path / "runs"), "cache": str(tmp_path / "fitness.sqlite"),
         "eval": {"model": "smollm2-135m", "mode": "skip", "device": "cpu"}, "target": QUICK,
-        "protocol": {"seq_len": 128, "calib_windows": 4, "eval_windows": 4},  # the evaluator's: same numbers
+        "protocol": {"seq_len": SMALL.seq_len, "calib_windows": SMALL.calib_windows,
+                     "eval_windows": SMALL.eval_windows},  # the evaluator's: same numbers
         "search": {"population": 4, "generations": 1, "hall_of_fame": 3, "seed": 0},
         "backend": {"kind": "serial"}})
     run_dir = run_campaign(config, console=QUIET)

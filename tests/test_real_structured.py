@@ -6,16 +6,16 @@ import contextlib
 
 import pytest
 
-from prunerzero.core.protocol import Protocol
 from prunerzero.fitness.evaluator import EvalSpec, Evaluator
 from prunerzero.models.loading import load_model
 from prunerzero.pruning.structured.latency import load_or_measure
 from prunerzero.fitness.perplexity import perplexity
+from conftest import REAL
 
 pytestmark = pytest.mark.real
 
-SMALL = Protocol(seq_len=128, calib_windows=8, eval_windows=4)
-TARGET = {"latency": 0.6, "width": 128, "seq_len": 32}  # a small latency table: seconds to measure
+SMALL = REAL  # conftest.REAL: one calibration draw for every real-model file
+TARGET = {"latency": 0.6, "width": 256, "seq_len": 32}  # a small latency table: seconds to measure
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def test_a_campaign_evolves_the_metric_for_the_structured_mode(evaluator, tmp_pa
     config = from_dict({
         "name": "structured", "runs_dir": str(tmp_path / "runs"), "cache": str(tmp_path / "fitness.sqlite"),
         "eval": {"model": "smollm2-135m", "mode": "structured", "device": "cpu"}, "target": TARGET,
-        "protocol": {"seq_len": 128, "calib_windows": 8, "eval_windows": 4},  # SMALL: the evaluator's numbers
+        "protocol": {"seq_len": SMALL.seq_len, "calib_windows": SMALL.calib_windows,
+                     "eval_windows": SMALL.eval_windows},  # the evaluator's: same numbers
         "search": {"population": 4, "generations": 1, "hall_of_fame": 3, "seed": 0},
         "backend": {"kind": "serial"}})
     run_dir = run_campaign(config, console=QUIET)

@@ -30,12 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """README: `ray get-auth-token --generate`, then `RAY_AUTH_MODE=token ray start --head --port P`
     (here with --block, so that ending this one process group stops the head: `ray stop` would
     stop every Ray on the machine). Its files under ROOT/ray, where Ray run with RAY_TMPDIR=ROOT looks
-    for the cluster this machine started last. Yields (port, token, ROOT)."""
+    for the cluster this machine started last. Yields (port, token, ROOT). One head for the module:
+    each test only joins it or must stay out of it."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     home = tmp_path / "head-home"  # the head node's ~/.ray/auth_token
     home.mkdir()
     token = subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=_env(home), capture_output=True,
