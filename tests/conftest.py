@@ -1,11 +1,17 @@
-"""Shared fixtures: a tiny random-init Llama and random calibration windows; and how the suite
-shares the machine when pytest-xdist runs it on several workers (pyproject.toml's addopts)."""
+"""What the tests share: the one table of tiny random-init families (`tiny_model`, `build`) and the
+one way to give a mode its context (`tiny_context`); the protocol every real-model file uses
+(`REAL`); and how the suite shares the machine when pytest-xdist runs it on several workers
+(pyproject.toml's addopts): each worker's share of the cores, the slowest files first."""
 
 import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+    Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
 
 from prunerzero.core.protocol import Protocol
 
@@ -39,17 +45,68 @@ _share_the_cores()
 TINY_VOCAB = 128
 
 
+# The one table of tiny random-init families every unit test builds from: family -> (model class,
+# config class, what the family needs beyond TINY_SHAPE). RoPE + GQA (llama, mistral); q/k/v biases
+# (qwen2); q/k norms (qwen3); post-norms, q/k norms and a sliding window (gemma3); routed experts
+# (mixtral, olmoe) and a shared expert with its gate (qwen2_moe).
+N_EXPERTS = 4
+TINY_FAMILIES = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "mistral": (MistralForCausalLM, MistralConfig, {}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 8}),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, {"head_dim": 8, "sliding_window": 4}),
+    "mixtral": (MixtralForCausalLM, MixtralConfig, {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2}),
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig,
+                  {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                   "shared_expert_intermediate_size": 40}),
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig, {"num_experts": N_EXPERTS, "num_experts_per_tok": 2}),
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
+VOCAB = 64
+TINY_SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_model(family: str = "llama", seed: int | None = None, frozen: bool = True, **config):
+    """A tiny random-init model of `family` in eval mode: TINY_SHAPE with `config` over it (e.g.
+    num_hidden_layers=4); `seed` seeds torch first (else the caller's state draws it); `frozen`:
+    no parameter requires a gradient, as models.loading.load_model returns models."""
+    model_cls, config_cls, extra = TINY_FAMILIES[family]
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = model_cls(config_cls(**(TINY_SHAPE | extra | config))).eval()
+    return model.requires_grad_(False) if frozen else model
+
+
+def build(family: str):
+    """`family` seeded with 0, its parameters as transformers makes them."""
+    return tiny_model(family, seed=0, frozen=False)
+
+
+def tokens() -> torch.Tensor:
+    """Two windows of 8 random ids in TINY_SHAPE's vocabulary."""
+    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_context(model, windows, stats: str | None = "WX", **kw):
+    """A PruneContext on `model` and `windows` with one-shot statistics collected on them ("WX", or
+    "WGX" with gradients; None: none), as the modes receive it. `kw`: PruneContext's other fields."""
+    from prunerzero.models.adapter import ModelAdapter
+    from prunerzero.primitives.stats import collect_stats
+    from prunerzero.pruning.context import PruneContext
+
+    model.requires_grad_(False)
+    adapter = ModelAdapter(model)
+    collected = collect_stats(model, adapter, windows, need_g="G" in stats) if stats else None
+    return PruneContext(model, adapter, windows, lambda needs: collected, **kw)
+
+
 @pytest.fixture
 def tiny_llama():
     """A seeded LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 128),
     in eval mode and frozen, as models.loading.load_model returns models."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    return tiny_model("llama", seed=0, vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture

@@ -6,71 +6,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-)
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from prunerzero.models.adapter import ModelAdapter, UnsupportedModelError, expert_tap_names
 from prunerzero.models.units import DEFAULT_PRUNED_ROLES, ROLES
+from conftest import MOE_FAMILIES, N_EXPERTS, TINY_FAMILIES, TINY_SHAPE, VOCAB, build, tokens
 
-VOCAB = 64
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)
-N_EXPERTS = 4
 ATTN = dict(q=1, k=1, v=1, o=1)
-MOE = dict(gate=N_EXPERTS, up=N_EXPERTS, down=N_EXPERTS, router=1)
-
-# family -> (model class, config class, extra config, expected roles per block)
-FAMILIES = {
-    "llama": (LlamaForCausalLM, LlamaConfig, {}, Counter(**ATTN, gate=1, up=1, down=1)),
-    "mistral": (MistralForCausalLM, MistralConfig, {}, Counter(**ATTN, gate=1, up=1, down=1)),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}, Counter(**ATTN, gate=1, up=1, down=1)),
-    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, {"head_dim": 8}, Counter(**ATTN, gate=1, up=1, down=1)),
-    "mixtral": (
-        MixtralForCausalLM, MixtralConfig,
-        {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
-        Counter(**ATTN, **MOE),
-    ),
-    "qwen2_moe": (
-        Qwen2MoeForCausalLM, Qwen2MoeConfig,
-        {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
-         "shared_expert_intermediate_size": 40},
-        Counter(**ATTN, **MOE) + Counter(gate=1, up=1, down=1, shared_gate=1),  # + shared expert and its gate
-    ),
-    "olmoe": (
-        OlmoeForCausalLM, OlmoeConfig,
-        {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
-        Counter(**ATTN, **MOE),
-    ),
+MLP = Counter(**ATTN, gate=1, up=1, down=1)
+MOE = Counter(**ATTN, gate=N_EXPERTS, up=N_EXPERTS, down=N_EXPERTS, router=1)
+ROLES_PER_BLOCK = {  # family (conftest.TINY_FAMILIES) -> the roles the adapter finds in each block
+    "llama": MLP, "mistral": MLP, "qwen2": MLP, "qwen3": MLP, "gemma3": MLP, "mixtral": MOE, "olmoe": MOE,
+    "qwen2_moe": MOE + Counter(gate=1, up=1, down=1, shared_gate=1),  # + the shared expert and its gate
 }
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
-
-
-def build(family: str) -> nn.Module:
-    model_cls, config_cls, extra, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    return model_cls(config_cls(**COMMON, **extra)).eval()
-
-
-def tokens() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+FAMILIES = tuple(TINY_FAMILIES)
+COMMON = TINY_SHAPE
 
 
 def experts_names(adapter) -> list[str]:
@@ -91,7 +41,7 @@ def hook_count(model) -> int:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_roles_per_block_and_default_pruned_set(family):
     adapter = ModelAdapter(build(family))
-    expected = FAMILIES[family][3]
+    expected = ROLES_PER_BLOCK[family]
     assert len(adapter.blocks) == COMMON["num_hidden_layers"]
     for block in range(len(adapter.blocks)):
         assert Counter(u.role for u in adapter.units if u.block == block) == expected

@@ -5,13 +5,12 @@ import torch
 
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import builtin
-from prunerzero.primitives.stats import LayerStats, collect_stats
+from prunerzero.primitives.stats import LayerStats
 from prunerzero.pruning.unstructured.allocation import owl_ratios, owl_sparsities
-from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import get_mode
 from prunerzero.pruning.unstructured.target import PruneTarget
 
-from test_adapter import build
+from conftest import build, tiny_context
 
 
 def test_owl_gives_outlier_heavy_blocks_more_weights_at_the_same_total():
@@ -31,9 +30,7 @@ def test_owl_gives_outlier_heavy_blocks_more_weights_at_the_same_total():
 
 
 def test_the_unstructured_mode_prunes_with_owl_allocation(tiny_llama, tiny_windows):
-    adapter = ModelAdapter(tiny_llama)
-    stats = collect_stats(tiny_llama, adapter, tiny_windows, need_g=False)
-    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: stats)
+    ctx = tiny_context(tiny_llama, tiny_windows)
     report = get_mode("unstructured").apply(ctx, builtin("wanda"), PruneTarget(0.5, allocation="owl"))
     per_block = report.table().groupby("block")[["zeros", "numel"]].sum()
     achieved = per_block["zeros"] / per_block["numel"]

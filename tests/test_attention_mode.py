@@ -3,30 +3,20 @@ sparsity, never worse than the metric's masks on calibration tokens, bad input n
 
 import pytest
 import torch
-from transformers import (
-    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
-    Qwen3Config, Qwen3ForCausalLM,
-)
+from transformers import Phi3Config, Phi3ForCausalLM
 from typer.testing import CliRunner
 
 from prunerzero.cli import app
+from conftest import TINY_SHAPE, tiny_context, tiny_model
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.primitives.metric import resolve_metric
-from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.attention.mode import AttentionTarget, _Grab, optimise_qk
 from prunerzero.pruning.attention.loss import BlockAttention, Objective
-from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import ModeError, get_mode
 from prunerzero.pruning.unstructured.target import PruneTarget
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-FAMILIES = {  # RoPE + GQA; q/k norms and a sliding window; q/k norms
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
-    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=8)),
-}
+FAMILIES = ("llama", "gemma3", "qwen3")  # conftest.TINY_FAMILIES: RoPE + GQA; q/k norms and a sliding window; q/k norms
 
 
 def grab_inputs(model, adapter, windows):
@@ -42,15 +32,13 @@ def grab_inputs(model, adapter, windows):
 
 
 def context(model, windows, stats_mode="one-shot"):
-    adapter = ModelAdapter(model)
-    stats = collect_stats(model, adapter, windows, need_g=False)
-    return PruneContext(model, adapter, windows, lambda needs: stats, stats_mode)
+    return tiny_context(model, windows, stats_mode=stats_mode)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_probabilities_are_the_models_own(family):
     torch.manual_seed(0)
-    model = FAMILIES[family]().eval().requires_grad_(False)
+    model = tiny_model(family)
     model.set_attn_implementation("eager")
     adapter = ModelAdapter(model)
     windows = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -155,7 +143,7 @@ def test_calibration_too_small_and_fused_qkv_are_refused(tiny_llama, tiny_window
     with pytest.raises(ModeError, match="calibration too small .* of 4 tokens"):
         mode.check(ctx, AttentionTarget(windows=4, tokens=4))
     torch.manual_seed(0)
-    phi = Phi3ForCausalLM(Phi3Config(**COMMON)).eval().requires_grad_(False)
+    phi = Phi3ForCausalLM(Phi3Config(**TINY_SHAPE)).eval().requires_grad_(False)
     ctx = context(phi, tiny_windows % 64)
     with pytest.raises(ModeError, match="separate q and k projections .* model.layers.0 has none"):
         mode.check(ctx, AttentionTarget(windows=4))

@@ -5,30 +5,24 @@ greedy output identical to the dense model's with any draft, sampling from the d
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from prunerzero.generate import generate
 from prunerzero.drafting import (DraftError, SubsetHead, format_layers, frequent_tokens, layer_view,
                                         parse_layers, parse_spec, shares_weights, with_subset_head)
+from conftest import tiny_model
+
+_SHAPE = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=256)  # over conftest.TINY_SHAPE
 
 
 def _llama(layers=4, vocab=128, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    return tiny_model("llama", seed=seed, **_SHAPE, num_hidden_layers=layers, vocab_size=vocab)
 
 
 def _qwen2_sliding(layers=4, vocab=128):
     """A family with per-layer attention types (sliding and full): the view keeps each kept
     block's type."""
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         use_sliding_window=True, sliding_window=8, max_window_layers=2,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    return tiny_model("qwen2", seed=0, **_SHAPE, num_hidden_layers=layers, vocab_size=vocab, use_sliding_window=True,
+                      sliding_window=8, max_window_layers=2)
 
 
 def _prompt(n=12, vocab=128, seed=1):
@@ -169,7 +163,7 @@ def test_saved_pruned_models_of_every_reshaping_mode_are_lossless_drafts(mode, t
     import copy
 
     from prunerzero.models import loading
-    from test_adapter import build
+    from conftest import build
     from test_untrusted_saved import saved
 
     dense = (build("mixtral") if mode == "experts" else tiny_llama).requires_grad_(False)

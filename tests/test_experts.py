@@ -12,16 +12,14 @@ from transformers import AutoModelForCausalLM
 
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.models import loading
-from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.experts import mode as ex
 from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.candidates import decode, encode
-from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.experts.signals import (alignment, all_expert_outputs, expert_forward, moe_output,
                                                 naee_keep, permute_neurons, route)
 from prunerzero.pruning.interventions import applied
 from prunerzero.pruning.modes import ModeError, get_mode
-from test_adapter import MOE_FAMILIES, N_EXPERTS, VOCAB, build
+from conftest import MOE_FAMILIES, N_EXPERTS, VOCAB, build, tiny_context
 
 MODE = get_mode("experts")
 
@@ -31,10 +29,7 @@ def windows():
 
 
 def context(model):
-    model.requires_grad_(False)
-    adapter = ModelAdapter(model)
-    stats = collect_stats(model, adapter, windows(), need_g=False)
-    return PruneContext(model, adapter, windows(), lambda needs: stats)
+    return tiny_context(model, windows())
 
 
 def params(model) -> int:
@@ -228,7 +223,7 @@ def test_bad_budgets_fail_naming_the_problem(fields, needle):
 
 
 def test_a_dense_model_and_bad_fields_are_refused(tiny_llama, tiny_windows):
-    ctx = PruneContext(tiny_llama, ModelAdapter(tiny_llama), tiny_windows, lambda needs: None)
+    ctx = tiny_context(tiny_llama, tiny_windows, stats=None)
     with pytest.raises(ex.ExpertsError, match="takes a Mixture-of-Experts model; LlamaForCausalLM"):
         MODE.check(ctx, MODE.make_target({}))
     for fields, needle in [({"merge": "zip"}, "unknown merge 'zip'"), ({"experts": 0}, "at least one expert"),

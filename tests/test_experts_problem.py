@@ -16,7 +16,7 @@ from prunerzero.fitness.evaluator import FitnessResult
 from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.candidates import decode
 from prunerzero.pruning.modes import get_mode
-from test_adapter import build
+from conftest import build
 from test_experts import context, windows
 
 SEARCH = SearchConfig(population=6, generations=3, hall_of_fame=3, elites=1, seed=1)

@@ -11,7 +11,7 @@ from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.interventions import Edits, applied
 from prunerzero.pruning.slicing import remove_experts, set_top_k, slice_attention, slice_mlp
 
-from test_adapter import FAMILIES, MOE_FAMILIES, build, tokens
+from conftest import TINY_FAMILIES, MOE_FAMILIES, build, tokens
 
 
 def logits(model):
@@ -34,7 +34,7 @@ def check_round_trip(model, change):
     assert all(p is objects[n] for n, p in params(model).items()) and params(model).keys() == objects.keys()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_weight_writes_restore_bit_identically(family):
     model = build(family)
     units = ModelAdapter(model).prunable()
@@ -46,7 +46,7 @@ def test_weight_writes_restore_bit_identically(family):
     assert torch.equal(logits(model), before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_physical_slicing_restores_bit_identically(family):
     model = build(family)
     st = ModelAdapter(model).structure
@@ -95,7 +95,7 @@ def test_merged_experts_are_the_weighted_sums():
         remove_experts(Edits(), layer, [1, 1])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_wrapped_modules_and_attributes_restore_bit_identically(family):
     model = build(family)
     st = ModelAdapter(model).structure

@@ -13,10 +13,9 @@ from typer.testing import CliRunner
 from prunerzero.cli import _mode_budgets, app
 from prunerzero.evolve.config import ConfigError, from_dict
 from prunerzero.jobs import _check_applies
-from prunerzero.models.adapter import ModelAdapter
 from prunerzero.pruning import candidates, modes
 from prunerzero.pruning.candidates import CandidateError, Method, decode, encode
-from prunerzero.pruning.context import PruneContext
+from conftest import tiny_context
 from prunerzero.pruning.interventions import DenseSnapshot
 from prunerzero.pruning.modes import MODES, ModeError, get_mode, register
 from prunerzero.pruning.recipe import Recipe, unsupported
@@ -134,8 +133,8 @@ def test_the_campaign_config_and_the_problems_registry_read_its_problems(tiny_mo
 
 
 def test_it_prunes_and_restores_like_every_mode(tiny_mode, tiny_llama, tiny_windows):
-    adapter = ModelAdapter(tiny_llama)
-    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: None)
+    ctx = tiny_context(tiny_llama, tiny_windows, stats=None)
+    adapter = ctx.adapter
     snapshot = DenseSnapshot(adapter.prunable())
     dense = tiny_llama(tiny_windows).logits
     report = RECIPE.apply(ctx, RECIPE.candidate("first"), RECIPE.make_target({"rows": 2}))

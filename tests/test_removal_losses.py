@@ -5,16 +5,15 @@ as it was."""
 import numpy as np
 import torch
 
-from prunerzero.models.adapter import ModelAdapter
 from prunerzero.pruning import influence
-from prunerzero.pruning.context import PruneContext
+from conftest import tiny_context
 from prunerzero.pruning.interventions import applied
 from prunerzero.pruning.removal import remove_sublayer
 
 
 def test_replayed_prefixes_give_the_whole_forwards_losses_bit_for_bit(tiny_llama, tiny_windows):
-    adapter = ModelAdapter(tiny_llama)
-    ctx = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: None)
+    ctx = tiny_context(tiny_llama, tiny_windows, stats=None)
+    adapter = ctx.adapter
     ids = tiny_windows[:2, :16]
     dense = tiny_llama(ids).logits.clone()
     base = influence._loss(tiny_llama, ids)

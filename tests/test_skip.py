@@ -7,25 +7,16 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-    Qwen2MoeConfig, Qwen2MoeForCausalLM,
-)
+from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from conftest import TINY_SHAPE, tiny_context, tiny_model
 from prunerzero.models.adapter import ModelAdapter
-from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import ModeError, get_mode
 from prunerzero.pruning.skip.routers import DATA, META, RouterError, TrainConfig, load_or_train
 from prunerzero.pruning.skip.skipping import skip_counts
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-FAMILIES = {  # RoPE + GQA; post-norms, q/k norms and a sliding window; q/k/v biases
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON)),
-    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),
-}
+FAMILIES = ("llama", "gemma3", "qwen2")  # conftest.TINY_FAMILIES: RoPE + GQA; post-norms, q/k norms, sliding window; q/k/v biases
 DATA_IDS = torch.randint(3, 64, (400, 16), generator=torch.Generator().manual_seed(1))
 QUICK = {"ratio": 0.3, "steps": 12, "batch": 2, "seq_len": 16, "holdout": 0}  # the last routers, whatever they score
 MODE = get_mode("skip")
@@ -36,12 +27,9 @@ def train_windows(n, seq_len, seed):
 
 
 def context(family="llama", impl="sdpa", seed=0, log=lambda msg: None):
-    torch.manual_seed(seed)
-    model = FAMILIES[family]().eval().requires_grad_(False)
+    model = tiny_model(family, seed=seed, num_hidden_layers=4)
     model.set_attn_implementation(impl)
-    adapter = ModelAdapter(model)
-    stats = collect_stats(model, adapter, DATA_IDS[:8], need_g=False)
-    return PruneContext(model, adapter, DATA_IDS[:8], lambda needs: stats, log=log, train_windows=train_windows)
+    return tiny_context(model, DATA_IDS[:8], log=log, train_windows=train_windows)
 
 
 @pytest.fixture(autouse=True)
@@ -308,10 +296,10 @@ def test_bad_target_fields_are_named():
 
 
 def test_an_moe_model_is_refused():
-    cfg = Qwen2MoeConfig(**COMMON | {"num_hidden_layers": 2}, num_experts=4, num_experts_per_tok=2,
+    cfg = Qwen2MoeConfig(**TINY_SHAPE, num_experts=4, num_experts_per_tok=2,
                          moe_intermediate_size=16, shared_expert_intermediate_size=16)
     model = Qwen2MoeForCausalLM(cfg).eval()
-    ctx = PruneContext(model, ModelAdapter(model), DATA_IDS[:2], lambda needs: None)
+    ctx = tiny_context(model, DATA_IDS[:2], stats=None)
     with pytest.raises(ValueError, match="takes dense models; this one has experts"):
         MODE.check(ctx, MODE.make_target({}))
 

@@ -192,14 +192,12 @@ def test_a_metric_mask_with_the_obs_update_prunes_exactly_that_mask_and_reconstr
 
 def _unstructured_mode(model, windows):
     """The unstructured mode, a context on `windows`, a dense snapshot and the dense logits."""
-    from prunerzero.primitives.stats import collect_stats
     from prunerzero.pruning.interventions import DenseSnapshot
-    from prunerzero.pruning.context import PruneContext
     from prunerzero.pruning.modes import get_mode
+    from conftest import tiny_context
 
-    adapter = ModelAdapter(model)
-    stats = collect_stats(model, adapter, windows, need_g=True)
-    ctx = PruneContext(model, adapter, windows, lambda needs: stats)
+    ctx = tiny_context(model, windows, stats="WGX")
+    adapter = ctx.adapter
     with torch.no_grad():
         dense = model(windows).logits
     return get_mode("unstructured"), ctx, DenseSnapshot(adapter.prunable()), dense

@@ -10,17 +10,17 @@ from prunerzero.primitives.metric import CallableMetric, resolve_metric
 from prunerzero.primitives.stats import collect_stats
 from prunerzero.pruning.reduce import REDUCERS, group_scores, reduce_groups
 
-from test_adapter import COMMON, FAMILIES, MOE_FAMILIES, N_EXPERTS, build, tokens
+from conftest import TINY_SHAPE, TINY_FAMILIES, MOE_FAMILIES, N_EXPERTS, build, tokens
 
-HEADS, KV, HEAD_DIM = COMMON["num_attention_heads"], COMMON["num_key_value_heads"], 8
-LAYERS = COMMON["num_hidden_layers"]
+HEADS, KV, HEAD_DIM = TINY_SHAPE["num_attention_heads"], TINY_SHAPE["num_key_value_heads"], 8
+LAYERS = TINY_SHAPE["num_hidden_layers"]
 
 
 def structure(family):
     return ModelAdapter(build(family)).structure
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_heads_follow_the_grouped_query_layout(family):
     st = structure(family)
     heads, kv_heads = st.heads(), st.kv_heads()
@@ -36,7 +36,7 @@ def test_heads_follow_the_grouped_query_layout(family):
     assert kv_heads[1].numel == 2 * (16 * 32) + 2 * (8 * 32)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_channels_sublayers_and_blocks(family):
     model = build(family)
     st = ModelAdapter(model).structure

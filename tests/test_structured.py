@@ -12,14 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from prunerzero.models.adapter import ModelAdapter
 from prunerzero.models.loading import ModelLoadError
-from prunerzero.primitives.stats import collect_stats
-from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.interventions import Edits
 from prunerzero.pruning.structured.latency import LatencyTable, attention_options, load_or_measure
 from prunerzero.pruning.modes import ModeError, get_mode
 from prunerzero.pruning.reshaped import load_reshaped, save_reshaped
 from prunerzero.pruning.structured.recovery import collect_grams, refit_following
 from prunerzero.pruning.structured.selection import Options, SelectionError, select
+from conftest import tiny_context
 from prunerzero.pruning.structured.mode import apply_plan, load_structured
 
 
@@ -91,9 +90,7 @@ def fake_table(model, width: int) -> LatencyTable:
 
 @pytest.fixture
 def ctx(tiny_llama, tiny_windows):
-    adapter = ModelAdapter(tiny_llama)
-    stats = collect_stats(tiny_llama, adapter, tiny_windows, need_g=True)
-    c = PruneContext(tiny_llama, adapter, tiny_windows, lambda needs: stats)
+    c = tiny_context(tiny_llama, tiny_windows, stats="WGX")
     c.memo[("latency", 32, 1, 256)] = fake_table(tiny_llama, 32)
     return c
 

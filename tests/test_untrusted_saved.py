@@ -11,12 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunerzero.models import loading
-from prunerzero.models.adapter import ModelAdapter
-from prunerzero.primitives.stats import collect_stats
-from prunerzero.pruning.context import PruneContext
 from prunerzero.pruning.modes import get_mode
 
-from test_adapter import build
+from conftest import build, tiny_context, tiny_model
 from test_structured import fake_table
 
 USER_ERRORS = (ValueError, KeyError, RuntimeError, OSError)  # prunerzero.console.USER_ERRORS: one line, no traceback
@@ -28,10 +25,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _context(model, ids, width=None):
-    model.requires_grad_(False)
-    adapter = ModelAdapter(model)
-    stats = collect_stats(model, adapter, ids, need_g=False)
-    ctx = PruneContext(model, adapter, ids, lambda needs: stats)
+    ctx = tiny_context(model, ids)
     if width:
         ctx.memo[("latency", width, 1, 256)] = fake_table(model, width)  # no timing in unit tests
     return ctx
@@ -110,11 +104,8 @@ TAMPERED = ["no removed", "removed text", "heads not a list", "heads of one kv",
 
 @pytest.fixture(scope="module")
 def structured_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = tiny_model("llama", seed=0, frozen=False, vocab_size=128, hidden_size=64, intermediate_size=128,
+                       pad_token_id=None)  # LlamaConfig's own ids
     root = tmp_path_factory.mktemp("structured")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRUNERZERO_CACHE", str(root / "cache"))  # the removal losses it caches
