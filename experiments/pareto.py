@@ -457,10 +457,13 @@ def render(doc: dict, rows: list[dict], png: str) -> str:
     drafts = [r for r in rows if r["kind"] == "draft"]
     best_draft = max(drafts, key=lambda r: r["decode_ratio"], default=None)
     lines = ["# One Pareto of every pruning mode: smollm2-135m on this CPU", "",
-             f"Command: `{runs[-1]['command'].strip() if runs else '?'}`  ",
+             "Command (measures every entry but the router one; a re-run measures only entries missing from the "
+             "JSON): `flock /tmp/pz-heavy.lock nice -n 5 python experiments/pareto.py --fresh`  ",
              f"Machine: {doc['machine']}; torch threads {doc['threads']}, the whole run under the heavy-job lock.  ",
-             "Runs: " + "; ".join(f"{r['start']} → {r.get('end', '?')}, 1-minute load {r['load_before'][0]:.2f} before, "
-                                  f"{r['load_after'][0]:.2f} after" for r in runs if 'load_after' in r) + ".", "",
+             "Runs that produced these rows: " + "; ".join(
+                 f"`{r['command'].replace('flock /tmp/pz-heavy.lock nice -n 5 ', '').strip()}` {r['start']} → "
+                 f"{r.get('end', '?')}, 1-minute load {r['load_before'][0]:.2f} before, {r['load_after'][0]:.2f} after"
+                 for r in runs if 'load_after' in r) + ".", "",
              "Load = the 1-minute load average before and after the entry (2 = both cores busy: this run alone; above "
              "it, something outside the lock ran beside it and the entry's timings are less trustworthy).", "",
              "## Targets", "",
