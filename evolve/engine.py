@@ -101,7 +101,9 @@ class Engine:
     def _prepare_all(self, individuals: list) -> list:
         """Prepare every individual without a valid fitness; redraw the rejected ones."""
         if hasattr(self.problem, "prepare_many"):  # all at once first (in parallel), then in order as always
-            self.problem.prepare_many([ind for ind in individuals if not ind.fitness.valid])
+            todo = [ind for ind in individuals if not ind.fitness.valid]
+            self.problem.prepare_many(todo)
+            self._prepare_redraws(sum(not self.problem.prepare(ind).ok for ind in todo))  # looked up: done above
         out = []
         for ind in individuals:
             if not ind.fitness.valid:
@@ -126,6 +128,22 @@ class Engine:
         return ind
 
     _oos = _prepare  # the metric problem's preparation is Opposing Operation Simplification
+
+    def _prepare_redraws(self, count: int) -> None:
+        """The `count` redraws that `_prepare` will make if each is accepted (the usual case), drawn
+        ahead on a copy of the search's RNG state and prepared side by side with `prepare_many`:
+        `_prepare` then draws the same trees from the real state and finds them done. Nothing the
+        search decides changes (a rejected redraw is drawn and prepared there as always); only
+        the redraws' OOS moves out of the driver."""
+        if not count:
+            return
+        outer = random.getstate()
+        random.setstate(self.rng_state)  # a copy: the search's own state is not advanced
+        try:
+            ahead = [self.toolbox.individual() for _ in range(count)]
+        finally:
+            random.setstate(outer)
+        self.problem.prepare_many(ahead)
 
     def _evaluate(self, individuals: list) -> None:
         todo = [ind for ind in individuals if not ind.fitness.valid]

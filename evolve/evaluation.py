@@ -53,6 +53,12 @@ class FitnessMap:
         return out
 
     def __call__(self, candidates: list[tuple[str, str | dict]]) -> list[Measured]:
+        if self.cache is None:
+            return self._call(candidates)
+        with self.cache.held():  # one connection for the generation: each result is committed, one fsync at the end
+            return self._call(candidates)
+
+    def _call(self, candidates: list[tuple[str, str | dict]]) -> list[Measured]:
         formulas = dict(candidates)  # key -> candidate (the last given), in order of first occurrence
         done = self._lookup(list(formulas), self.full_windows)
         self._record(done, formulas)

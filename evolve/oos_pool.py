@@ -53,10 +53,14 @@ class OOSPool:
             return [oos.simplify(t, ops, max_depth, max_size) for t in trees]
         self.start()
         known = frozenset(oos.timed_out)
-        futures = [self._executor.submit(_simplify_in_worker, t, ops, max_depth, max_size, known) for t in trees]
+        # the largest trees first (SymPy's time grows with size): the batch does not wait on one big
+        # tree started last; the outcomes come back in the given order
+        order = sorted(range(len(trees)), key=lambda i: -trees[i].size())
+        futures = {i: self._executor.submit(_simplify_in_worker, trees[i], ops, max_depth, max_size, known)
+                   for i in order}
         out = []
-        for f in futures:
-            outcome, timeouts = f.result()
+        for i in range(len(trees)):
+            outcome, timeouts = futures[i].result()
             oos.timed_out.update(timeouts)
             out.append(outcome)
         return out

@@ -13,8 +13,10 @@ Measures, on whatever machine it runs on (CPU or GPU), with the real smollm2-135
   e. peak memory of statistics collection and of one evaluator, against the model's size;
   f. each per-candidate kernel chosen (mask selection, zeroing) against the plain torch way;
   g. search throughput: today's campaign fitness against the chosen cheap one (results/FITNESS.md,
-     experiments/smollm2-cpu-cheap.toml) side by side, the cheap one's overhead, and the driver's
-     own time per candidate (OOS, selection, cache, checkpoints) against one evaluation.
+     experiments/smollm2-cpu-cheap.toml) and its bfloat16 form (results/BF16.md,
+     experiments/smollm2-cpu-cheap-bf16.toml) side by side, the cheap one's overhead, and the
+     driver's own time per candidate (OOS, selection, cache, checkpoints) against one evaluation,
+     projected to N evaluators.
 and writes the report (tables, machine, command, medians over repeats) to results/BENCHMARKS.md.
 """
 
@@ -180,6 +182,7 @@ def _campaign_history(size: dict, spec: EvalSpec, rungs: int):
 
 # ------------------------------------------------------------------ g: search throughput
 CHEAP_CONFIG = Path(__file__).with_name("smollm2-cpu-cheap.toml")  # the fitness chosen from results/FITNESS.md
+CHEAP_BF16_CONFIG = Path(__file__).with_name("smollm2-cpu-cheap-bf16.toml")  # the same in bfloat16 (results/BF16.md)
 
 
 def search_throughput(spec: EvalSpec, size: dict, repeats: int, today: Evaluator) -> dict:
@@ -190,24 +193,28 @@ def search_throughput(spec: EvalSpec, size: dict, repeats: int, today: Evaluator
     from prunerzero.evolve.config import load_config
 
     cheap_spec = load_config(CHEAP_CONFIG).eval_spec()
+    bf16_spec = load_config(CHEAP_BF16_CONFIG).eval_spec()
     if size["toy"] and spec.protocol.seq_len < 128:  # the tiny smoke run: the chosen fitness on its own protocol
         cheap_spec = replace(spec, fitness=cheap_spec.fitness, protocol=spec.protocol.with_(eval_windows=1))
+        bf16_spec = replace(cheap_spec, dtype=bf16_spec.dtype)
     cheap = Evaluator(cheap_spec, needs=frozenset("WGX"))
+    bf16 = Evaluator(bf16_spec, needs=frozenset("WGX"))
     metric = resolve_metric(METRIC)
-    evals = {"today": [], "cheap": [], "today_1t": [], "cheap_1t": []}
+    evaluators = {"today": today, "cheap": cheap, "cheap_bf16": bf16}
+    evals = {name + suffix: [] for suffix in ("", "_1t") for name in evaluators}
     threads = torch.get_num_threads()
     for suffix, n in (("", threads), ("_1t", 1)):  # as one evaluator with every core; as a 1-CPU Ray worker
         torch.set_num_threads(n)
         for rep in range(repeats + 1):
-            t_today = timed(lambda: today.evaluate(metric))[0]
-            t_cheap = timed(lambda: cheap.evaluate(metric))[0]
-            if rep:
-                evals["today" + suffix].append(t_today)
-                evals["cheap" + suffix].append(t_cheap)
+            for name, ev in evaluators.items():  # in turn: a noisy machine moves all three alike
+                t = timed(lambda: ev.evaluate(metric))[0]
+                if rep:
+                    evals[name + suffix].append(t)
     torch.set_num_threads(threads)
     drivers = {workers: _driver_seconds(size, workers) for workers in (0, os.cpu_count() or 1)}
-    return {"today": today.spec, "cheap": cheap_spec, "evals": evals, "cheap_costs": candidate_costs(cheap, repeats),
-            "cheap_tokens": int(cheap.windows.numel()), "drivers": drivers}
+    return {"today": today.spec, "cheap": cheap_spec, "cheap_bf16": bf16_spec, "evals": evals,
+            "cheap_costs": candidate_costs(cheap, repeats), "cheap_tokens": int(cheap.windows.numel()),
+            "drivers": drivers}
 
 
 def _driver_seconds(size: dict, oos_workers: int) -> dict:
@@ -222,14 +229,22 @@ def _driver_seconds(size: dict, oos_workers: int) -> dict:
     from prunerzero.evolve import campaign
     from prunerzero.evolve.config import from_dict, load_config
 
+    from prunerzero.evolve.engine import Engine
+
     search = load_config(Path(__file__).with_name("smollm2-cpu-unstructured50.toml")).search
     saves: list[float] = []
-    save = campaign._save
+    prepares: list[float] = []
+    save, prepare_all = campaign._save, Engine._prepare_all
 
     def timed_save(*a, **kw):  # the checkpoint and logs of each generation are the driver's work too
         saves.append(timed(lambda: save(*a, **kw))[0])
 
-    campaign._save = timed_save
+    def timed_prepare(*a, **kw):  # OOS of a generation's offspring (and their redraws): its share of the driver
+        seconds, out = timed(lambda: prepare_all(*a, **kw))
+        prepares.append(seconds)
+        return out
+
+    campaign._save, Engine._prepare_all = timed_save, timed_prepare
     try:
         with tempfile.TemporaryDirectory() as root:
             config = from_dict({
@@ -242,13 +257,14 @@ def _driver_seconds(size: dict, oos_workers: int) -> dict:
             run_dir = campaign.run_campaign(config, console=Console(file=open(os.devnull, "w")))
             h = pd.read_csv(run_dir / "history.csv")
     finally:
-        campaign._save = save
+        campaign._save, Engine._prepare_all = save, prepare_all
     later = h.iloc[1:]
     driver = float((later["wall_seconds"] - later["eval_seconds"]).sum()) + sum(saves[1:len(h)])
     evaluated = int(later["evaluations"].sum())
     return {"generations": len(later), "offspring": int(later["offspring"].sum()), "evaluated": evaluated,
             "first_generation_s": float(h["wall_seconds"].iloc[0] - h["eval_seconds"].iloc[0]),
-            "driver_seconds": driver, "per_candidate": driver / max(evaluated, 1)}
+            "driver_seconds": driver, "per_candidate": driver / max(evaluated, 1),
+            "oos_seconds": sum(prepares[1:len(h)])}
 
 
 # ------------------------------------------------------------------ e: memory

@@ -77,7 +77,15 @@ def targets(costs, scaling, search, gpu: bool, throughput=None) -> list[str]:
               "(a 1-thread Ray worker's, as the campaign runs them)", "<= 1%",
               None if t is None else t["driver_share_1t"], lambda x: x <= 0.01, "{:.2%}"),
              ("the same, share of one cheap evaluation using both cores", "<= 1%",
-              None if t is None else t["driver_share"], lambda x: x <= 0.01, "{:.2%}")]
+              None if t is None else t["driver_share"], lambda x: x <= 0.01, "{:.2%}"),
+             ("driver time per evaluated candidate (OOS in worker processes), share of one bf16 cheap evaluation "
+              "(experiments/smollm2-cpu-cheap-bf16.toml; a 1-thread Ray worker's)", "<= 1%",
+              None if t is None else t["driver_share_bf16_1t"], lambda x: x <= 0.01, "{:.2%}"),
+             ("the same, share of one bf16 cheap evaluation using both cores", "<= 1%",
+              None if t is None else t["driver_share_bf16"], lambda x: x <= 0.01, "{:.2%}"),
+             ("evaluators before the driver is the bottleneck (its seconds per generation equal one round of bf16 "
+              "1-thread evaluations: N = evaluation / driver time per candidate)", ">= 100",
+              None if t is None else t["breakeven_bf16_1t"], lambda x: x >= 100, "{:.0f}")]
     out = ["## Targets", "", "| target | this run | threshold | met |", "|---|---:|---:|---|"]
     for what, bound, got, ok, fmt in rows:
         out.append(f"| {what} | not run | {bound} | - |" if got is None else
@@ -171,7 +179,12 @@ def throughput_numbers(t) -> dict:
     e = t["evals"]
     one = bool(e.get("today_1t"))  # reports before the 1-thread measurement have none
     cheap_1t = statistics.median(e["cheap_1t"]) if one else None
-    return {"today": today, "cheap": cheap,
+    bf16 = {k: statistics.median(e[k]) if e.get(k) else None for k in ("cheap_bf16", "cheap_bf16_1t")}
+    per = pooled["per_candidate"]
+    return {"today": today, "cheap": cheap, "cheap_bf16": bf16["cheap_bf16"], "cheap_bf16_1t": bf16["cheap_bf16_1t"],
+            "driver_share_bf16": per / bf16["cheap_bf16"] if bf16["cheap_bf16"] else None,
+            "driver_share_bf16_1t": per / bf16["cheap_bf16_1t"] if bf16["cheap_bf16_1t"] else None,
+            "breakeven_bf16_1t": bf16["cheap_bf16_1t"] / per if bf16["cheap_bf16_1t"] and per > 0 else None,
             "speedup": statistics.median(a / b for a, b in zip(e["today"], e["cheap"])),
             "today_1t": statistics.median(e["today_1t"]) if one else None,
             "cheap_1t": cheap_1t,
@@ -195,7 +208,9 @@ def throughput_section(t) -> list[str]:
              "each in turn per repeat.", "",
              "| fitness | s / candidate | candidates / hour on this machine |", "|---|---:|---:|",
              f"| today: {_describe(t['today'])} | {n['today']:.2f} | {3600 / n['today']:.0f} |",
-             f"| chosen: {_describe(t['cheap'])} | {n['cheap']:.2f} | {3600 / n['cheap']:.0f} |", "",
+             f"| chosen: {_describe(t['cheap'])} | {n['cheap']:.2f} | {3600 / n['cheap']:.0f} |",
+             *([f"| chosen in bf16: {_describe(t['cheap_bf16'])}, bfloat16 | {n['cheap_bf16']:.2f} | "
+                f"{3600 / n['cheap_bf16']:.0f} |"] if n["cheap_bf16"] else []), "",
              f"**{n['speedup']:.1f}x** the candidates per hour of one evaluator using every core (median of each "
              "repeat's own ratio).", ""]
     if n["speedup_1t"] is not None:
@@ -203,7 +218,9 @@ def throughput_section(t) -> list[str]:
                   "measured the same way after the above:", "",
                   "| fitness | s / candidate | candidates / CPU-hour |", "|---|---:|---:|",
                   f"| today: {_describe(t['today'])} | {n['today_1t']:.2f} | {3600 / n['today_1t']:.0f} |",
-                  f"| chosen: {_describe(t['cheap'])} | {n['cheap_1t']:.2f} | {3600 / n['cheap_1t']:.0f} |", "",
+                  f"| chosen: {_describe(t['cheap'])} | {n['cheap_1t']:.2f} | {3600 / n['cheap_1t']:.0f} |",
+                  *([f"| chosen in bf16: {_describe(t['cheap_bf16'])}, bfloat16 | {n['cheap_bf16_1t']:.2f} | "
+                     f"{3600 / n['cheap_bf16_1t']:.0f} |"] if n["cheap_bf16_1t"] else []), "",
                   f"**{n['speedup_1t']:.1f}x** the candidates per CPU-hour.", ""]
     lines += [f"The chosen fitness's cost per candidate ({t['cheap_tokens']} tokens, every core):", "",
              "| step | median ms | share of the forward |", "|---|---:|---:|"]
@@ -214,19 +231,67 @@ def throughput_section(t) -> list[str]:
               "checkpoint, history and evaluation log of every generation — over toy campaigns with the committed "
               "CPU campaign's search settings (the toy's evaluations take no model; their seconds are subtracted), "
               "summed over the generations after the first (the first generation's driver time, which includes "
-              "starting the OOS processes once per campaign, in its own column):",
-              "", "| OOS processes | generations | offspring | evaluated | driver s | driver ms / evaluated candidate "
-              "| share of today's evaluation | share of the chosen one | share of the chosen one, 1-thread worker "
-              "| first generation s |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "starting the OOS processes once per campaign, in its own column); 'OOS s': the part spent preparing "
+              "offspring (SymPy and the probes, in the driver or waiting for the OOS processes):",
+              "", "| OOS processes | generations | offspring | evaluated | driver s | OOS s | driver ms / evaluated "
+              "candidate | share of today's evaluation | share of the chosen one | share of the chosen one, 1-thread "
+              "worker | share of the bf16 one, 1-thread worker | first generation s |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for workers, d in sorted(t["drivers"].items()):
         one = f"{d['per_candidate'] / n['cheap_1t']:.2%}" if n["cheap_1t"] else "-"
+        bf16 = f"{d['per_candidate'] / n['cheap_bf16_1t']:.2%}" if n["cheap_bf16_1t"] else "-"
+        oos = f"{d['oos_seconds']:.2f}" if "oos_seconds" in d else "-"
         lines.append(f"| {workers or 'in the driver'} | {d['generations']} | {d['offspring']} | {d['evaluated']} | "
-                     f"{d['driver_seconds']:.2f} | {1000 * d['per_candidate']:.1f} | "
+                     f"{d['driver_seconds']:.2f} | {oos} | {1000 * d['per_candidate']:.1f} | "
                      f"{d['per_candidate'] / n['today']:.2%} | {d['per_candidate'] / n['cheap']:.2%} | {one} | "
-                     f"{d['first_generation_s']:.1f} |")
-    return lines + ["", "A cluster of N evaluators stays busy while the driver's time per candidate is under 1/N of "
-                    "an evaluation: <= 1% for 100 evaluators.", ""]
+                     f"{bf16} | {d['first_generation_s']:.1f} |")
+    return lines + ["", *projection(t, n), ""]
+
+
+def projection(t, n) -> list[str]:
+    """Driver seconds per generation against N evaluators x evaluation seconds. A generation of N
+    candidates (one per evaluator) costs the driver N x d (d: its time per evaluated candidate, OOS
+    in worker processes) and the evaluators one evaluation, t. The engine alternates the two (the
+    evaluators wait while the driver prepares the next generation), so the cluster's efficiency is
+    t / (t + N d), and the driver is the bottleneck from N = t / d on."""
+    d = t["drivers"][max(t["drivers"])]["per_candidate"]
+    evals = [("chosen, 1-thread worker", n["cheap_1t"]), ("chosen, both cores", n["cheap"]),
+             ("bf16, 1-thread worker", n["cheap_bf16_1t"]), ("bf16, both cores", n["cheap_bf16"])]
+    evals = [(name, s) for name, s in evals if s]
+    ref_name, ref = next((e for e in evals if e[0] == "bf16, 1-thread worker"), evals[0])  # the campaign's Ray worker
+    lines = [f"**Projection to N evaluators.** A generation of N candidates (one per evaluator) costs the driver "
+             f"N x d, d = {1000 * d:.1f} ms per evaluated candidate (OOS in {max(t['drivers'])} processes, above), and "
+             "the evaluators one evaluation of t seconds. The engine alternates the two (the evaluators wait while "
+             "the driver selects, simplifies and caches the next generation), so the cluster's efficiency is "
+             "t / (t + N d) and the driver becomes the bottleneck (its seconds per generation equal the "
+             "evaluations') at N = t / d:", "",
+             "| evaluation | t (s) | d / t | N where driver = evaluation | efficiency at 100 evaluators |",
+             "|---|---:|---:|---:|---:|"]
+    for name, s in evals:
+        lines.append(f"| {name} | {s:.2f} | {d / s:.2%} | {s / d:.0f} | {s / (s + 100 * d):.2f} |")
+    lines += ["", f"Per generation against the {ref_name} evaluation (t = {ref:.2f} s):", "",
+              "| evaluators N | driver s per generation (N x d) | evaluation s per generation (t) | efficiency "
+              "t / (t + N d) |", "|---:|---:|---:|---:|"]
+    for workers in (1, 2, 5, 10, 20, 50, 100):
+        lines.append(f"| {workers} | {workers * d:.2f} | {ref:.2f} | {ref / (ref + workers * d):.2f} |")
+    lines += ["", "A driver whose work overlapped the evaluations (the next candidates prepared while the last ones "
+              "run) would keep N evaluators busy up to N = t / d instead of losing t / (t + N d) before it; the engine "
+              "does not overlap them yet (a generation's selection needs its fitness)."]
+    serial, pooled = t["drivers"].get(0), t["drivers"][max(t["drivers"])]
+    if serial and "oos_seconds" in serial and "oos_seconds" in pooled and max(t["drivers"]) > 0:
+        oos = serial["oos_seconds"] / max(serial["evaluated"], 1)  # SymPy per evaluated candidate, one process
+        rest = (pooled["driver_seconds"] - pooled["oos_seconds"]) / max(pooled["evaluated"], 1)
+        lines += ["", f"Where d goes: OOS, {1000 * oos:.1f} ms of SymPy and probes per evaluated candidate in one "
+                  f"process, against {1000 * rest:.1f} ms for everything else (selection, variation, de-duplication, "
+                  "the fitness cache, checkpoint and logs). OOS parallelises over trees, so a driver node with w OOS "
+                  f"processes projects to d(w) = {1000 * rest:.1f} + {1000 * oos:.1f} / w ms (w = "
+                  f"{max(t['drivers'])} measured above; more cores than this machine has are a projection):", "",
+                  f"| OOS processes w | d(w) ms | N where driver = {ref_name} evaluation | efficiency at 100 |",
+                  "|---:|---:|---:|---:|"]
+        for w in (1, 2, 4, 8, 16):
+            dw = rest + oos / w
+            lines.append(f"| {w} | {1000 * dw:.1f} | {ref / dw:.0f} | {ref / (ref + 100 * dw):.2f} |")
+    return lines
 
 
 def _blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:

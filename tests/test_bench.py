@@ -35,12 +35,16 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert len(spared) == 2 and all(0 <= x <= 100 for x in spared)  # tree by tree; windows with successive halving
     kernels = re.findall(r"\| ([\d.]+) \| [^|]+ \| ([\d.]+) \| ([\d.]+)x \|", text)
     assert len(kernels) == 4 and all(float(base) > 0 and float(chosen) > 0 for base, chosen, _ in kernels)
-    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 9  # each target, met or not
+    assert len(re.findall(r"\| (?:yes|no) \|", text)) == 12  # each target, met or not
     assert re.search(r"\*\*[\d.]+x\*\* the candidates per CPU-hour", text)  # as 1-thread Ray workers run
-    drivers = re.findall(r"\| (in the driver|\d+) \| 2 \| \d+ \| \d+ \| [\d.]+ \| ([\d.]+) \|.*\| ([\d.]+)% \| ([\d.]+) \|",
-                         text)
+    drivers = re.findall(r"\| (in the driver|\d+) \| 2 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|.*\| ([\d.]+)% \| "
+                         r"([\d.]+) \|", text)
     assert len(drivers) == 2 and drivers[0][0] == "in the driver" and drivers[1][0].isdigit()  # then in workers
     assert all(float(ms) > 0 and float(share) > 0 for _, ms, share, _ in drivers) and float(drivers[1][3]) > 0
+    assert re.search(r"\| bf16, 1-thread worker \| [\d.]+ \| [\d.]+% \| \d+ \| [\d.]+ \|", text)  # the projection
+    per_n = re.search(r"^\| evaluators N \|.*\n\|[-:|]+\|\n((?:\|.*\|\n)+)", text, re.M).group(1).splitlines()
+    assert [row.split(" | ")[0] for row in per_n] == ["| 1", "| 2", "| 5", "| 10", "| 20", "| 50", "| 100"]
+    assert "| OOS processes w | d(w) ms |" in text  # the driver's seconds split: OOS over w processes, the rest
     params = float(re.search(r"parameters alone: (\d+) MiB", text).group(1))
     loaded = float(re.search(r"\| loading an evaluator \| (\d+) \|", text).group(1))
     assert loaded >= params  # the process held at least the parameters
@@ -55,7 +59,7 @@ def test_bench_runs_only_the_sections_asked(tmp_path, capsys):
     text = out.read_text()
     assert "--sections d" in text and "## d. Search efficiency" in text
     assert "## a. Per-candidate" not in text and "## c. Ray scaling" not in text and "## f. Kernel" not in text
-    assert len(re.findall(r"\| not run \|", text)) == 8  # d measures one target, the evaluations spared
+    assert len(re.findall(r"\| not run \|", text)) == 11  # d measures one target, the evaluations spared
 
 
 def test_bench_refuses_unknown_sections():
