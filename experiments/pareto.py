@@ -496,7 +496,7 @@ def render(doc: dict, rows: list[dict], png: str) -> str:
         lines.append(f"| a pruned draft decodes faster than plain dense decoding (lossless) | best: {best_draft['name']} "
                      f"{best_draft['decode_ratio']:.3f}x dense decode tokens/s | "
                      f"{'**met**' if best_draft['decode_ratio'] > 1 else '**not met**'} |")
-    lines += ["", f"Earlier results, other protocols: skip routers 50.4 = 1.49x dense at ~0.87x (results/SKIP.md, "
+    lines += ["", "Earlier results, other protocols: skip routers 50.4 = 1.49x dense at ~0.87x (results/SKIP.md, "
               "1 x 512 tokens); structured 74.6 = 2.1x at 0.80x (results/STRUCTURED.md).", "",
               "## Protocol", "",
               f"- Perplexity: {doc['protocol']}; test split of {doc['corpus']} ({doc['eval_tokens']} tokens), "
