@@ -40,6 +40,7 @@ from prunerzero.fitness.cache import FitnessCache
 from prunerzero.fitness.evaluator import Evaluator
 from prunerzero.fitness.pool import SerialBackend
 from prunerzero.fitness.spec import EvalSpec
+from prunerzero.primitives.expression import ExpressionError
 from prunerzero.primitives.metric import BUILTINS, Metric
 
 REFERENCE = Protocol(seq_len=512, calib_windows=32, eval_windows=32)
@@ -75,7 +76,10 @@ def reference_metrics(n: int, seed: int) -> list[Metric]:
     for hof in sorted(Path("results/runs").glob("*/hall_of_fame.csv")):
         with hof.open(newline="") as f:
             for row in csv.DictReader(f):
-                m = Metric.from_expression(row["formula"], f"{hof.parent.name[-6:]}#{row['rank']}")
+                try:
+                    m = Metric.from_expression(row["formula"], f"{hof.parent.name[-6:]}#{row['rank']}")
+                except ExpressionError:  # a campaign of another candidate kind (allocations, skip plans)
+                    break
                 out.setdefault(m.key, m)
     pset, rnd = primitive_set("extended"), random.Random(seed)
     state = random.getstate()

@@ -116,7 +116,7 @@ def test_redraws_prepared_ahead_leave_the_campaign_unchanged(tmp_path, monkeypat
     they are simplified side by side with the offspring; the search decides exactly as without."""
     from prunerzero.evolve.engine import Engine
 
-    cfg = dict(search={"generations": 3, "population": 48, "oos_workers": 2, "operators": "extended", "max_depth": 6,
+    cfg = dict(search={"generations": 2, "population": 48, "oos_workers": 2, "operators": "extended", "max_depth": 6,
                        "max_size": 20, "init_max_depth": 3, "seed": 0})  # the CPU campaign's search: it redraws
     counts = []
     ahead = Engine._prepare_redraws
