@@ -33,7 +33,7 @@ from deap import base, creator, gp, tools
 
 from prunerzero.core.fields import build
 from prunerzero.primitives.expression import Node, parse
-from prunerzero.primitives.metric import Metric
+from prunerzero.primitives.metric import Metric, resolve_metric
 from prunerzero.primitives.operators import OPERATORS
 from prunerzero.primitives.terminals import TERMINALS
 
@@ -146,6 +146,9 @@ def mutate(individual, expr, pset, point_prob: float):
 class MetricOptions:
     constants: bool = False  # ephemeral constants among the terminals (pair with operators = "constants")
     refine: int = 0  # each generation, the constants of this many of the best offspring are refined
+    # metrics in generation 0 beside the random trees, "; "-separated (built-in names or expressions):
+    # a search that starts from the hand-made choices it is compared with, as the skip and experts GAs do
+    seeds: str = ""
 
 
 class MetricProblem:
@@ -167,6 +170,7 @@ class MetricProblem:
         self.search = search
         self.refine = self.options.refine
         self.pset = primitive_set(search.operators, self.options.constants)
+        self._seeds = [self._seed(text.strip()) for text in self.options.seeds.split(";") if text.strip()]
         self.ops = frozenset(operator_set(search.operators))
         self._pool = OOSPool(search.oos_workers)
         self._pool.start()  # the workers import while the campaign loads its evaluators
@@ -187,8 +191,14 @@ class MetricProblem:
             tb.decorate(op, gp.staticLimit(key=len, max_value=s.max_size))
         return tb
 
+    def _seed(self, text: str) -> Individual:
+        try:
+            return from_node(resolve_metric(text, allow_code=False).tree, self.pset)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"problem.seeds: {text!r}: {e}") from None
+
     def seeds(self) -> list:
-        return []  # from scratch, as Pruner-Zero
+        return list(self._seeds)  # none by default: from scratch, as Pruner-Zero
 
     def prepare_many(self, individuals: list) -> None:
         """OOS of a generation's new trees side by side (`search.oos_workers`); `prepare` then

@@ -7,7 +7,7 @@ from prunerzero.evolve.problem import from_string, primitive_set
 from prunerzero.evolve.simplify import simplify
 from prunerzero.fitness.evaluator import WORST_FITNESS, FitnessResult
 from prunerzero.primitives.expression import parse
-from prunerzero.primitives.metric import Metric
+from prunerzero.primitives.metric import BUILTINS, Metric
 
 
 def by_length(candidates):
@@ -66,3 +66,19 @@ def test_phenotypic_clones_lose_their_fitness_for_selection():
             assert engine._clones == 3
         else:
             assert fitness == [300.0, 300.0, 300.0, 50.0, 50.0]
+
+
+def test_seeded_metrics_are_in_generation_zero_and_a_bad_seed_is_named():
+    import pytest
+
+    from prunerzero.evolve.problem import MetricProblem
+
+    search = SearchConfig(population=6, generations=0, operators="extended", seed=1)
+    seen = []
+    engine = Engine(search, lambda c: seen.extend(k for k, _ in c) or by_length(c),
+                    problem=MetricProblem(search, {"seeds": "wanda; ria; mul(abs(W), G)"}))
+    engine.step()
+    seeded = {Metric.from_expression(BUILTINS[n]).key for n in ("wanda", "ria")} | {Metric.from_expression("mul(abs(W), G)").key}
+    assert seeded <= set(seen) and len(engine.population) == 6  # measured like any candidate
+    with pytest.raises(ValueError, match=r"problem.seeds: 'ria'.*rownorm"):
+        MetricProblem(SearchConfig(), {"seeds": "ria"})  # its operators are not in the pruner-zero set
