@@ -41,23 +41,24 @@ def study_section(study: dict) -> list[str]:
     return out
 
 
-def campaign_section(run: Path) -> list[str]:
+def campaign_section(run: Path, config_path: str = "experiments/smollm2-skip-plan.toml",
+                     what: str = "removal sets", fitness: str = "valid ppl (4x128)") -> list[str]:
     with (run / "history.csv").open(newline="") as f:
         history = list(csv.DictReader(f))
     config = json.loads((run / "config.json").read_text())
     evaluations = sum(int(h["evaluations"]) for h in history)
     wall = sum(float(h["wall_seconds"]) for h in history)
     evals = sum(float(h["eval_seconds"]) for h in history)
-    out = ["## 2. The campaign", "", f"Config: `experiments/smollm2-skip-plan.toml`, run `{run}`; "
+    out = ["## 2. The campaign", "", f"Config: `{config_path}`, run `{run}`; "
            f"search {json.dumps(config['search'])}; problem {json.dumps(config.get('problem', {}))}.", "",
-           f"{len(history) - 1} generations after the first; **{evaluations} evaluations** (distinct removal sets "
+           f"{len(history) - 1} generations after the first; **{evaluations} evaluations** (distinct {what} "
            f"measured: neither in the fitness cache nor the same plan as one measured before) in **{wall / 60:.1f} min** "
            f"of generation wall time ({evals / max(evaluations, 1):.2f} s per evaluation, the driver's start — model "
-           "load, the seeds' rankings — not included).", "",
-           "| generation | best valid ppl (4x128) | median | evaluations | best plan |", "|---:|---:|---:|---:|---|"]
+           "load, the seeds' rankings or statistics — not included).", "",
+           f"| generation | best {fitness} | median | evaluations | best |", "|---:|---:|---:|---:|---|"]
     for h in history:
         out.append(f"| {h['generation']} | {float(h['best_fitness']):.2f} | {float(h['median_fitness']):.2f} | "
-                   f"{h['evaluations']} | `{h['best_key']}` |")
+                   f"{h['evaluations']} | `{h['best_formula']}` |")
     return out + [""]
 
 
