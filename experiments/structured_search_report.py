@@ -1,0 +1,99 @@
+"""results/STRUCTURED-SEARCH.md from what the structured search's scripts wrote: the fitness study
+(structured_search_study.py), the campaign's run directory and the bench (structured_search_bench.py).
+
+    python experiments/structured_search_report.py --run results/runs/<structured run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from skip_search_report import RULE, campaign_section  # noqa: E402
+
+from prunerzero.core.paths import atomic_write_text  # noqa: E402
+
+CONFIG = "experiments/smollm2-structured80-lsq.toml"
+
+
+def _shown(candidate) -> str:
+    return f"method {candidate['name']}" if isinstance(candidate, dict) else candidate
+
+
+def study_section(study: dict) -> list[str]:
+    ref = study["reference"]
+    rows = sorted(study["rows"], key=lambda r: r["seconds"])
+    chosen = next((r for r in rows if r["spearman"] >= RULE), None)
+    out = ["## 1. A cheap fitness that ranks metrics for structured pruning like the full protocol", "",
+           f"Command: `{study['command']}`; 1-minute load average {study['load_1min'][0]:.1f} before, "
+           f"{study['load_1min'][1]:.1f} after (2 cores shared with other work: seconds are comparable "
+           "within this run only).", "",
+           f"Reference: {len(ref)} metrics that give distinct plans, each through the MILP at "
+           f"{study['target']['latency']:g}x measured prefill latency and the LSQ refit, test perplexity on the "
+           f"full protocol ({study['protocol']}, test split of austen).", "",
+           "| reference metric | expression | test ppl |", "|---|---|---:|"]
+    for key in sorted(ref, key=lambda k: ref[k][0]):
+        out.append(f"| {study['names'][key]} | `{_shown(study['candidates'][key])}` | {ref[key][0]:.2f} |")
+    out += ["", "Cheap settings on the valid split (perplexity or KL to the dense model; windows x tokens; "
+            "calibration 16 windows of the same length; the LSQ refit inside the fitness or not); Spearman "
+            "against the reference over all metrics and over the better half (where a search chooses); seconds: "
+            "median per candidate (importance, MILP, slicing, refit, forward, restore).", "",
+            "| setting | Spearman | Spearman (best half) | s / candidate |", "|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['setting']} | {r['spearman']:.3f} | {r['spearman_best_half']:.3f} | {r['seconds']:.2f} |")
+    out += ["", f"Rule: the cheapest setting with Spearman >= {RULE}: " +
+            (f"**{chosen['setting']}** (Spearman {chosen['spearman']:.3f})." if chosen else "none reaches it."), ""]
+    return out
+
+
+def bench_section(bench: dict) -> list[str]:
+    sel = bench["selection"]
+    out = ["## 3. The winner against every hand-made importance, the same LSQ refit on both sides", "",
+           f"Command: `{bench['command']}`.", "",
+           f"Winner chosen on the valid split ({bench['protocol']}) among the hall of fame: **{sel['winner']}** "
+           f"`{sel['formula']}`.", "", "| hall of fame | valid ppl |", "|---|---:|"]
+    for name, value in sorted(sel["valid"].items(), key=lambda kv: kv[1]):
+        out.append(f"| {name} | {value:.2f} |")
+    draws = bench["draws"]
+    names = [n for n in next(iter(draws.values())) if n != "load_1min"]
+    out += ["", f"Test perplexity ({bench['protocol']}, the seed and corpus per draw), every candidate through the "
+            "MILP at 0.8x measured prefill latency with the LSQ refit (ShortGPT: whole blocks, nothing to refit).", "",
+            "| model:corpus:seed | " + " | ".join(names) + " | winner vs best hand-made | load |",
+            "|---|" + "---:|" * (len(names) + 1) + "---|"]
+    for draw, got in draws.items():
+        values = [got[n]["perplexity"] for n in names]
+        best = min(got[n]["perplexity"] for n in names if n != "searched (winner)")
+        load = "/".join(f"{x:.1f}" for x in got["load_1min"])
+        out.append(f"| {draw} | " + " | ".join(f"{v:.2f}" for v in values) +
+                   f" | {100 * (got['searched (winner)']['perplexity'] / best - 1):+.1f}% | {load} |")
+    return out + [""]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--study", type=Path, default=Path("results/STRUCTURED-SEARCH-study.json"))
+    ap.add_argument("--bench", type=Path, default=Path("results/STRUCTURED-SEARCH-bench.json"))
+    ap.add_argument("--notes", type=Path, default=None, help="a markdown file appended as written (the discussion)")
+    ap.add_argument("--out", type=Path, default=Path("results/STRUCTURED-SEARCH.md"))
+    args = ap.parse_args(argv)
+    lines = ["# Searching the importance metric for structured pruning (smollm2-135m, 0.8x prefill latency, LSQ)", "",
+             f"Machine: {platform.processor() or platform.machine()}, 2 cores, shared (load averages below). "
+             f"Rendered by `python experiments/structured_search_report.py --run {args.run}`.", ""]
+    if args.study.is_file():
+        lines += study_section(json.loads(args.study.read_text()))
+    if (args.run / "history.csv").is_file():
+        lines += campaign_section(args.run, CONFIG, "metrics", "valid ppl (1x512)")
+    if args.bench.is_file():
+        lines += bench_section(json.loads(args.bench.read_text()))
+    if args.notes:
+        lines += [args.notes.read_text()]
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
