@@ -391,8 +391,10 @@ def main(argv=None) -> None:
                "g": lambda: search_throughput(spec, size, args.repeats, ev, warmup)}
     results = {}
     for name, fn in measure.items():
+        t0 = time.perf_counter()
         results[name] = fn() if name in args.sections else None
-        print(f"{name}: {'done' if name in args.sections else 'not asked'}", flush=True)
+        print(f"{name}: {f'done in {time.perf_counter() - t0:.1f}s' if name in args.sections else 'not asked'}",
+              flush=True)
     text = report(args, spec, ev, METRIC, results["a"], results["c"], results["d"], results["e"], results["f"],
                   results["g"])
     if args.merge and args.out.is_file():
