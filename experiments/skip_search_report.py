@@ -19,21 +19,30 @@ RULE = 0.9
 
 def study_section(study: dict) -> list[str]:
     ref = study["reference"]
+    return study_lines(
+        study, "removal sets",
+        f"Reference: {len(ref)} distinct removal sets at ratio {study['ratio']:g} (15 of 60 sublayers), test "
+        f"perplexity on the full protocol ({study['protocol']}, test split of austen).",
+        ("reference set", "plan"), [(name, study["plans"][name], ref[name][0]) for name in ref],
+        "Cheap settings on the valid split (perplexity or KL to the dense model; windows x tokens); "
+        "Spearman against the reference over all sets and over the better half (where a search chooses); "
+        "seconds: median per candidate (apply + forward + restore).")
+
+
+def study_lines(study: dict, what: str, reference: str, columns: tuple[str, str], entries: list[tuple],
+                settings: str) -> list[str]:
+    """A fitness study's section: the command and load, the reference (name, candidate, test ppl
+    per entry, best first), the cheap settings cheapest first, and the rule's choice."""
     rows = sorted(study["rows"], key=lambda r: r["seconds"])
     chosen = next((r for r in rows if r["spearman"] >= RULE), None)
-    out = ["## 1. A cheap fitness that ranks removal sets like the full protocol", "",
+    out = [f"## 1. A cheap fitness that ranks {what} like the full protocol", "",
            f"Command: `{study['command']}`; 1-minute load average {study['load_1min'][0]:.1f} before, "
            f"{study['load_1min'][1]:.1f} after (2 cores shared with other work: seconds are comparable "
-           "within this run only).", "",
-           f"Reference: {len(ref)} distinct removal sets at ratio {study['ratio']:g} (15 of 60 sublayers), test "
-           f"perplexity on the full protocol ({study['protocol']}, test split of austen).", "",
-           "| reference set | plan | test ppl |", "|---|---|---:|"]
-    for name in sorted(ref, key=lambda n: ref[n][0]):
-        out.append(f"| {name} | `{study['plans'][name]}` | {ref[name][0]:.2f} |")
-    out += ["", "Cheap settings on the valid split (perplexity or KL to the dense model; windows x tokens); "
-            "Spearman against the reference over all sets and over the better half (where a search chooses); "
-            "seconds: median per candidate (apply + forward + restore).", "",
-            "| setting | Spearman | Spearman (best half) | s / candidate |", "|---|---:|---:|---:|"]
+           "within this run only).", "", reference, "",
+           f"| {columns[0]} | {columns[1]} | test ppl |", "|---|---|---:|"]
+    for name, candidate, value in sorted(entries, key=lambda e: e[2]):
+        out.append(f"| {name} | `{candidate}` | {value:.2f} |")
+    out += ["", settings, "", "| setting | Spearman | Spearman (best half) | s / candidate |", "|---|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['setting']} | {r['spearman']:.3f} | {r['spearman_best_half']:.3f} | {r['seconds']:.2f} |")
     out += ["", f"Rule: the cheapest setting with Spearman >= {RULE}: " +

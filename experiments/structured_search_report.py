@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from skip_search_report import RULE, campaign_section  # noqa: E402
+from skip_search_report import campaign_section, study_lines  # noqa: E402
 
 from prunerzero.core.paths import atomic_write_text  # noqa: E402
 
@@ -26,28 +26,17 @@ def _shown(candidate) -> str:
 
 def study_section(study: dict) -> list[str]:
     ref = study["reference"]
-    rows = sorted(study["rows"], key=lambda r: r["seconds"])
-    chosen = next((r for r in rows if r["spearman"] >= RULE), None)
-    out = ["## 1. A cheap fitness that ranks metrics for structured pruning like the full protocol", "",
-           f"Command: `{study['command']}`; 1-minute load average {study['load_1min'][0]:.1f} before, "
-           f"{study['load_1min'][1]:.1f} after (2 cores shared with other work: seconds are comparable "
-           "within this run only).", "",
-           f"Reference: {len(ref)} metrics that give distinct plans, each through the MILP at "
-           f"{study['target']['latency']:g}x measured prefill latency and the LSQ refit, test perplexity on the "
-           f"full protocol ({study['protocol']}, test split of austen).", "",
-           "| reference metric | expression | test ppl |", "|---|---|---:|"]
-    for key in sorted(ref, key=lambda k: ref[k][0]):
-        out.append(f"| {study['names'][key]} | `{_shown(study['candidates'][key])}` | {ref[key][0]:.2f} |")
-    out += ["", "Cheap settings on the valid split (perplexity or KL to the dense model; windows x tokens; "
-            "calibration 16 windows of the same length; the LSQ refit inside the fitness or not); Spearman "
-            "against the reference over all metrics and over the better half (where a search chooses); seconds: "
-            "median per candidate (importance, MILP, slicing, refit, forward, restore).", "",
-            "| setting | Spearman | Spearman (best half) | s / candidate |", "|---|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['setting']} | {r['spearman']:.3f} | {r['spearman_best_half']:.3f} | {r['seconds']:.2f} |")
-    out += ["", f"Rule: the cheapest setting with Spearman >= {RULE}: " +
-            (f"**{chosen['setting']}** (Spearman {chosen['spearman']:.3f})." if chosen else "none reaches it."), ""]
-    return out
+    return study_lines(
+        study, "metrics for structured pruning",
+        f"Reference: {len(ref)} metrics that give distinct plans, each through the MILP at "
+        f"{study['target']['latency']:g}x measured prefill latency and the LSQ refit, test perplexity on the "
+        f"full protocol ({study['protocol']}, test split of austen).",
+        ("reference metric", "expression"),
+        [(study["names"][k], _shown(study["candidates"][k]), ref[k][0]) for k in ref],
+        "Cheap settings on the valid split (perplexity or KL to the dense model; windows x tokens; calibration "
+        "16 windows of the same length; the LSQ refit inside the fitness or not); Spearman against the reference "
+        "over all metrics and over the better half (where a search chooses); seconds: median per candidate "
+        "(importance, MILP, slicing, refit, forward, restore).")
 
 
 def bench_section(bench: dict) -> list[str]:
