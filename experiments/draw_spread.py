@@ -51,7 +51,7 @@ def measure(model: str, corpus: str, seed: int, protocol: Protocol) -> dict:
 
 
 def render(doc: dict) -> str:
-    rows, ratios = [], {(m, t): [] for m in METRICS if m != "wanda" for t in TARGETS}
+    rows, ratios = [], {}  # (model, metric, target) -> ratios over that model's draws
     for key, got in doc["draws"].items():
         model, corpus, seed = key.split("/")
         for t in TARGETS:
@@ -61,16 +61,16 @@ def render(doc: dict) -> str:
                 if m != "wanda":
                     ratio = got[m][t] / got["wanda"][t]
                     row[f"{m} / wanda"] = f"{100 * (ratio - 1):+.1f}%"
-                    ratios[(m, t)].append(ratio)
+                    ratios.setdefault((model, m, t), []).append(ratio)
             rows.append(row)
     cols = [("model", "model", ""), ("calibration corpus", "corpus", ""), ("seed", "seed", ""),
             ("target", "target", ""), ("dense", "dense", ".2f"),
             *[(m, m, ".2f") for m in METRICS],
             *[(f"{m} vs Wanda", f"{m} / wanda", "") for m in METRICS if m != "wanda"]]
-    summary = [{"metric": m, "target": t, "draws": len(v), "mean": f"{100 * (statistics.mean(v) - 1):+.1f}%",
+    summary = [{"model": model, "metric": m, "target": t, "draws": len(v), "mean": f"{100 * (statistics.mean(v) - 1):+.1f}%",
                 "best": f"{100 * (min(v) - 1):+.1f}%", "worst": f"{100 * (max(v) - 1):+.1f}%",
-                "better on every draw": "yes" if max(v) < 1 else "no"} for (m, t), v in ratios.items() if v]
-    scols = [(c, c, "") for c in ("metric", "target", "draws", "mean", "best", "worst", "better on every draw")]
+                "better on every draw": "yes" if max(v) < 1 else "no"} for (model, m, t), v in ratios.items()]
+    scols = [(c, c, "") for c in ("model", "metric", "target", "draws", "mean", "best", "worst", "better on every draw")]
     return "\n".join([
         "# Discovered winners under new calibration draws", "",
         "Commands: " + ", ".join(f"`{c}`" for c in doc["commands"]) + "  ",
