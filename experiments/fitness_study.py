@@ -113,12 +113,19 @@ def campaign_evaluations(worst: float = 1000.0) -> list[Metric]:
 
 def measure(metrics: list[Metric], spec: EvalSpec, windows: int, cache: FitnessCache, log) -> dict[str, tuple]:
     """key -> (value, seconds, phenotype) for every metric under `spec` on `windows` windows."""
+    return measure_items([(m.key, m.formula) for m in metrics], spec, windows, cache, log)
+
+
+def measure_items(items: list[tuple[str, str | dict]], spec: EvalSpec, windows: int, cache: FitnessCache,
+                  log) -> dict[str, tuple]:
+    """key -> (value, seconds, phenotype) for every (key, candidate data) under `spec` (through the
+    shared fitness cache: only what it lacks is measured)."""
     backend = SerialBackend(lambda: Evaluator(spec, needs=frozenset("GX"), log=log))
     fmap = FitnessMap(backend, cache, spec.cache_key(), windows)
-    measured = fmap([(m.key, m.formula) for m in metrics])
+    measured = fmap(items)
     backend.close()
-    return {m.key: (r.result.value if r.result.status == "ok" else float("nan"), r.result.seconds, r.result.phenotype)
-            for m, r in zip(metrics, measured)}
+    return {key: (r.result.value if r.result.status == "ok" else float("nan"), r.result.seconds, r.result.phenotype)
+            for (key, _), r in zip(items, measured)}
 
 
 def correlations(reference: dict, cheap: dict, keys: list[str]) -> tuple[float, float]:

@@ -27,15 +27,12 @@ from pathlib import Path
 
 from prunerzero.core.paths import atomic_write_text
 from prunerzero.core.protocol import Protocol
-from prunerzero.evolve.evaluation import FitnessMap
 from prunerzero.fitness.cache import FitnessCache
-from prunerzero.fitness.evaluator import Evaluator
-from prunerzero.fitness.pool import SerialBackend
 from prunerzero.fitness.spec import EvalSpec
 from prunerzero.pruning.candidates import Method
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fitness_study import reference_metrics  # noqa: E402  (a sibling script: the same diverse metric set)
+from fitness_study import measure_items as measure, reference_metrics  # noqa: E402  (a sibling script)
 from skip_search_study import spearman  # noqa: E402
 
 REFERENCE = Protocol(seq_len=512, calib_windows=16, eval_windows=8)  # structured_bench's protocol
@@ -49,16 +46,6 @@ SETTINGS = [("ppl 2x512 + lsq", "perplexity", 2, 512, "lsq"),
             ("ppl 4x128 + lsq", "perplexity", 4, 128, "lsq"),
             ("ppl 4x256 + lsq", "perplexity", 4, 256, "lsq"),
             ("ppl 2x512, no refit", "perplexity", 2, 512, "none")]
-
-
-def measure(items: list[tuple[str, str | dict]], spec: EvalSpec, windows: int, cache: FitnessCache, log) -> dict:
-    """key -> (value, seconds, phenotype) for every (key, candidate data) under `spec`."""
-    backend = SerialBackend(lambda: Evaluator(spec, needs=frozenset("GX"), log=log))
-    fmap = FitnessMap(backend, cache, spec.cache_key(), windows)
-    got = fmap(items)
-    backend.close()
-    return {key: (m.result.value if m.result.status == "ok" else float("nan"), m.result.seconds, m.result.phenotype)
-            for (key, _), m in zip(items, got)}
 
 
 def reference_set(n: int, seed: int, spec: EvalSpec, cache: FitnessCache, log) -> tuple[dict, dict, dict]:
