@@ -92,16 +92,24 @@ def bench_section(bench: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    write_report(argv, "SKIP-SEARCH", "skip_search_report.py",
+                 "Searching the skip mode's static removal set (smollm2-135m, ratio 0.25)",
+                 study_section, campaign_section, bench_section)
+
+
+def write_report(argv, stem: str, script: str, title: str, study_section, campaign_section, bench_section) -> None:
+    """results/<stem>.md from results/<stem>-study.json, the run directory and results/<stem>-bench.json
+    (each section where its input exists), with a notes file appended as written."""
+    ap = argparse.ArgumentParser(description=f"results/{stem}.md from the search's study, run and bench")
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--study", type=Path, default=Path("results/SKIP-SEARCH-study.json"))
-    ap.add_argument("--bench", type=Path, default=Path("results/SKIP-SEARCH-bench.json"))
+    ap.add_argument("--study", type=Path, default=Path(f"results/{stem}-study.json"))
+    ap.add_argument("--bench", type=Path, default=Path(f"results/{stem}-bench.json"))
     ap.add_argument("--notes", type=Path, default=None, help="a markdown file appended as written (the discussion)")
-    ap.add_argument("--out", type=Path, default=Path("results/SKIP-SEARCH.md"))
+    ap.add_argument("--out", type=Path, default=Path(f"results/{stem}.md"))
     args = ap.parse_args(argv)
-    lines = ["# Searching the skip mode's static removal set (smollm2-135m, ratio 0.25)", "",
+    lines = [f"# {title}", "",
              f"Machine: {platform.processor() or platform.machine()}, 2 cores, shared (load averages below). "
-             f"Rendered by `python experiments/skip_search_report.py --run {args.run}`.", ""]
+             f"Rendered by `python experiments/{script} --run {args.run}`.", ""]
     if args.study.is_file():
         lines += study_section(json.loads(args.study.read_text()))
     if (args.run / "history.csv").is_file():

@@ -6,16 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from skip_search_report import campaign_section, study_lines  # noqa: E402
+from skip_search_report import campaign_section, study_lines, write_report  # noqa: E402
 
-from prunerzero.core.paths import atomic_write_text  # noqa: E402
 
 CONFIG = "experiments/smollm2-structured80-lsq.toml"
 SEARCHED_ELSEWHERE = "discovered unstructured metric"  # found by the unstructured campaign: not hand-made
@@ -65,25 +61,10 @@ def bench_section(bench: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--study", type=Path, default=Path("results/STRUCTURED-SEARCH-study.json"))
-    ap.add_argument("--bench", type=Path, default=Path("results/STRUCTURED-SEARCH-bench.json"))
-    ap.add_argument("--notes", type=Path, default=None, help="a markdown file appended as written (the discussion)")
-    ap.add_argument("--out", type=Path, default=Path("results/STRUCTURED-SEARCH.md"))
-    args = ap.parse_args(argv)
-    lines = ["# Searching the importance metric for structured pruning (smollm2-135m, 0.8x prefill latency, LSQ)", "",
-             f"Machine: {platform.processor() or platform.machine()}, 2 cores, shared (load averages below). "
-             f"Rendered by `python experiments/structured_search_report.py --run {args.run}`.", ""]
-    if args.study.is_file():
-        lines += study_section(json.loads(args.study.read_text()))
-    if (args.run / "history.csv").is_file():
-        lines += campaign_section(args.run, CONFIG, "metrics", "valid ppl (1x512)")
-    if args.bench.is_file():
-        lines += bench_section(json.loads(args.bench.read_text()))
-    if args.notes:
-        lines += [args.notes.read_text()]
-    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    write_report(argv, "STRUCTURED-SEARCH", "structured_search_report.py",
+                 "Searching the importance metric for structured pruning (smollm2-135m, 0.8x prefill latency, LSQ)",
+                 study_section, lambda run: campaign_section(run, CONFIG, "metrics", "valid ppl (1x512)"),
+                 bench_section)
 
 
 if __name__ == "__main__":
